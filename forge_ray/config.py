@@ -1,0 +1,170 @@
+"""Typed stage configs: YAML files plus ``key=value`` overrides.
+
+Each stage declares a dataclass (nested dataclasses allowed). :func:`load_config`
+reads an optional YAML file, applies ``a.b=value`` overrides (values parsed as YAML,
+so ``lr=2e-3`` is a float and ``sizes=[256,256]`` a list), rejects unknown keys,
+checks every value against its annotation and finally runs the dataclass's own
+``__post_init__`` validation. Config objects stay at the edges: builders turn them
+into plain arguments for the algorithms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from forge_ray.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build a validated ``cls`` from an optional YAML file and ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = os.fspath(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(source, "config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(source, f"invalid YAML: {' '.join(str(e).split())}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(source, "config must be a mapping of keys to values")
+        raw = loaded
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "override must look like key=value")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip(), parsed, item)
+    return from_dict(cls, raw, source)
+
+
+def from_dict(cls: type[T], raw: dict[str, Any], source: str = "<config>", prefix: str = "") -> T:
+    """Turn a plain mapping into ``cls``, checking keys and value types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, f"{prefix or 'config'} must be a mapping")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(source, f"unknown config key(s) {names} for {cls.__name__}; "
+                                  f"known: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, source, prefix + name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(source, f"{cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-friendly dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write a config dataclass as YAML (the file :func:`load_config` reads back)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def require(cond: bool, message: str) -> None:
+    """Validation helper for ``__post_init__``: raise ValueError(message) unless cond."""
+    if not cond:
+        raise ValueError(message)
+
+
+def _set_dotted(raw: dict, key: str, value: Any, item: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(item, f"{part} is not a nested section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; convert only lossless cases."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(source, f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(source, f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (list, tuple, typing.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(source, f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(source, f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        inner = args[0] if args else Any
+        out = [_coerce(inner, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(source, f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, source, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(source, f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(source, f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" as a string
+            except ValueError:
+                pass
+        raise ConfigError(source, f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(source, f"{key}: expected a string, got {value!r}")
+    return value

@@ -1,0 +1,54 @@
+"""Shared fixtures: a real local multi-node Ray cluster on loopback.
+
+The cluster is started once per test session (starting Ray costs seconds) with a
+head and a worker node, each claiming 2 logical CPUs on this 2-core machine so
+that actor pools with fractional CPUs and read tasks can run side by side.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Makes Ray take 127.0.0.1 as every node's address (read when ray is imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A head + one worker node on 127.0.0.1; the driver is connected to it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "include_dashboard": False,
+                        "object_store_memory": 512 * 1024**2},
+    )
+    cluster.add_node(num_cpus=2, object_store_memory=512 * 1024**2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: tests read the real samples from ../shared/data")
+    return SHARED_DATA
