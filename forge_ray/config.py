@@ -168,3 +168,28 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
             return str(value)
         raise ConfigError(source, f"{key}: expected a string, got {value!r}")
     return value
+
+
+@dataclasses.dataclass
+class ScaleConfig:
+    """How a Ray Train stage is spread over the cluster.
+
+    ``deepspeed_config`` names a JSON file (relative paths resolve against the repo's
+    ``cluster/deepspeed/``); batch sizes, lr and precision are filled in from the
+    stage config, so one JSON serves every model size.
+    """
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    deepspeed_config: str = "zero1.json"
+    max_failures: int = 1          # worker crashes survived by restarting from the last checkpoint
+    checkpoint_every: int = 100    # optimizer steps between checkpoints
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        require(self.num_workers >= 1, "scale.num_workers must be >= 1")
+        require(self.cpus_per_worker > 0, "scale.cpus_per_worker must be > 0")
+        require(self.max_failures >= 0, "scale.max_failures must be >= 0")
+        require(self.checkpoint_every >= 1, "scale.checkpoint_every must be >= 1")
+        require(self.keep_checkpoints >= 1, "scale.keep_checkpoints must be >= 1")
