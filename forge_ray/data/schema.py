@@ -7,7 +7,8 @@ A dataset folder holds (each table optional)::
                               and text string (for `forge-ray embed`)
     pairs/part-*.parquet      item_a int64, item_b int64  (co-occurring items)
     sequences/part-*.parquet  user_id int64, item_ids list<int64> (time order),
-                              optional timestamps list<int64> (seconds)
+                              optional timestamps list<int64> (seconds) and
+                              user_key string (the source's own user id)
     manifest.json             kind "dataset", counts, embedding dim/dtype, sources, drops
 
 Shards hold at most ``DEFAULT_ROWS_PER_SHARD`` rows so that Ray Data streams them
@@ -46,11 +47,14 @@ PAIRS_SCHEMA = pa.schema([pa.field("item_a", pa.int64(), nullable=False),
                           pa.field("item_b", pa.int64(), nullable=False)])
 
 
-def sequences_schema(with_timestamps: bool = False) -> pa.Schema:
+def sequences_schema(with_timestamps: bool = False, with_user_key: bool = False) -> pa.Schema:
+    """Schema of ``sequences/``; ``user_key`` keeps the source's own user id (a string)."""
     fields = [pa.field("user_id", pa.int64(), nullable=False),
               pa.field("item_ids", pa.list_(pa.int64()))]
     if with_timestamps:
         fields.append(pa.field("timestamps", pa.list_(pa.int64())))
+    if with_user_key:
+        fields.append(pa.field("user_key", pa.string()))
     return pa.schema(fields)
 
 
