@@ -22,46 +22,54 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "generate FORGE-shaped synthetic data in FORGE's own formats"),
     "ingest": ("ingest", "turn FORGE npz / AL-GR / Amazon / Parquet / logs into a canonical dataset"),
     "embed": ("embed", "add text embeddings to a dataset's items with a sentence-transformers model"),
+    "demo": ("demo", "synthesise a small FORGE-shaped dataset and run the pipeline on it"),
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The top-level parser; only ``command``'s own arguments are registered."""
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: lists the subcommands (their own options are per command)."""
     parser = argparse.ArgumentParser(
         prog="forge-ray",
         description="Semantic IDs and generative retrieval at FORGE scale, on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"forge-ray {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        if name == command:
-            importlib.import_module(f"forge_ray.commands.{module}").add_arguments(p)
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand, with its module's own arguments."""
+    parser = argparse.ArgumentParser(prog=f"forge-ray {name}", description=COMMANDS[name][1])
+    importlib.import_module(f"forge_ray.commands.{COMMANDS[name][0]}").add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if not any(a == "--address" or a.startswith("--address=") for a in argv) \
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # handles --help/--version and unknown commands
+        build_parser().print_help()
+        return 2
+    name, rest = argv[0], argv[1:]
+    if not any(a == "--address" or a.startswith("--address=") for a in rest) \
             and not os.environ.get("RAY_ADDRESS"):
         # A cluster we start ourselves stays on loopback: Ray reads this flag at
         # import time and then takes 127.0.0.1 as the node address instead of the
         # machine's public interface (so nothing listens on a public address).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    module = importlib.import_module(f"forge_ray.commands.{COMMANDS[args.command][0]}")
+    # Intermixed: KEY=VALUE overrides may come before or after the options.
+    args = command_parser(name).parse_intermixed_args(rest)
+    args.command = name
+    module = importlib.import_module(f"forge_ray.commands.{COMMANDS[name][0]}")
     try:
         return int(module.run(args) or 0)
     except ForgeRayError as e:
-        print(f"forge-ray {args.command}: error: {e}", file=sys.stderr)
+        print(f"forge-ray {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"forge-ray {args.command}: interrupted", file=sys.stderr)
+        print(f"forge-ray {name}: interrupted", file=sys.stderr)
         return 130
 
 
