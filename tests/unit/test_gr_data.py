@@ -1,0 +1,64 @@
+"""History -> example building (leave-one-out, truncation, sliding windows) and collation."""
+
+import numpy as np
+import torch
+
+from forge_ray.core.gr.data import (IGNORE, ExampleCounts, ItemSIDTable, build_examples,
+                                    collate_causal, collate_seq2seq)
+from forge_ray.core.gr.vocab import SIDVocab
+
+VOCAB = SIDVocab((10, 10, 10))
+# item i has SID (i % 10, (i // 10) % 10, 7); item 99 has none
+TABLE = ItemSIDTable(np.arange(1, 60), np.stack([np.arange(1, 60) % 10, (np.arange(1, 60) // 10) % 10,
+                                                 np.full(59, 7)], 1))
+USERS = np.array([100, 101, 102])
+SEQS = [np.array([1, 2, 3, 4, 5, 6]), np.array([11, 99, 12]), np.array([21, 22, 23, 24])]
+
+
+def ids(*items):
+    return VOCAB.codes_to_ids(TABLE.lookup(np.array(items))[0]).reshape(-1)
+
+
+def test_leave_one_out_test_and_valid_with_truncation():
+    test, c = build_examples(USERS, SEQS, TABLE, VOCAB, "test", max_history=3)
+    assert test["user_id"].tolist() == [100, 101, 102]
+    assert test["target_item"].tolist() == [6, 12, 24]
+    np.testing.assert_array_equal(test["input_ids"][0], np.append(ids(3, 4, 5), VOCAB.eos_id))
+    np.testing.assert_array_equal(test["input_ids"][1], np.append(ids(11), VOCAB.eos_id))
+    np.testing.assert_array_equal(test["labels"][2], ids(24))
+    assert c == ExampleCounts(sequences=3, examples=3, unknown_items=1, too_short=0, truncated=1)
+    valid, c = build_examples(USERS, SEQS, TABLE, VOCAB, "valid", max_history=3)
+    # user 101 is [11, 12] once 99 (no SID) is dropped: too short for a validation example
+    assert valid["target_item"].tolist() == [5, 23]
+    assert c.truncated == 1 and c.too_short == 1
+
+
+def test_sliding_window_training_examples():
+    train, c = build_examples(USERS, SEQS, TABLE, VOCAB, "train", max_history=2, add_eos=False)
+    # user 100 train part [1,2,3,4]: 1->2, 12->3, 23->4 (history cut to 2); user 101: none;
+    # user 102 train part [21,22]: 21->22
+    assert train["user_id"].tolist() == [100, 100, 100, 102]
+    assert train["target_item"].tolist() == [2, 3, 4, 22]
+    np.testing.assert_array_equal(train["input_ids"][2], ids(2, 3))
+    assert c == ExampleCounts(sequences=3, examples=4, unknown_items=1, too_short=1, truncated=1)
+    merged = c.merge(c)
+    assert merged.examples == 8 and merged.unknown_items == 2
+
+
+def test_collate_seq2seq_and_causal():
+    inputs = [np.array([5, 6, 7, 1]), np.array([8, 1])]
+    labels = [np.array([9, 20, 30]), np.array([10, 21, 31])]
+    b = collate_seq2seq(inputs, labels, VOCAB)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 1], [8, 1, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert b["labels"].tolist() == [[9, 20, 30], [10, 21, 31]]
+    c = collate_causal(inputs, labels, VOCAB)
+    assert c["input_ids"].tolist() == [[5, 6, 7, 1, 9, 20, 30], [8, 1, 10, 21, 31, 0, 0]]
+    assert c["labels"].tolist() == [[IGNORE] * 4 + [9, 20, 30], [IGNORE] * 2 + [10, 21, 31, IGNORE, IGNORE]]
+    assert c["attention_mask"].sum(1).tolist() == [7, 5]
+    assert c["input_ids"].dtype == torch.long
+
+
+def test_empty_batch():
+    b, c = build_examples(np.zeros(0, np.int64), [], TABLE, VOCAB, "train", max_history=5)
+    assert len(b["input_ids"]) == 0 and b["labels"].shape == (0, 3) and c.examples == 0
