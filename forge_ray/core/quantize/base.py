@@ -1,0 +1,162 @@
+"""The interface every SID quantizer offers, and the pieces they share.
+
+A quantizer maps (N, D) float32 embeddings to (N, L) int64 codes, one code per
+level, level l's code in ``[0, sizes[l])``. All of them are residual: level l
+quantizes what levels < l left over, so the last level can be re-ranked under a
+fixed prefix (FORGE's collision handling moves overflow items to the next-nearest
+level-L code under the same level-1..L-1 prefix).
+
+Saved form: a folder with ``quantizer.json`` (``{"type": ..., "sizes": ...,
+"config": ...}``) plus the type's weight file; :func:`load_quantizer` dispatches
+on ``type``. Weights are stored as safetensors / plain ``.npz`` read with
+``allow_pickle=False``: nothing here runs an unpickler on user files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from forge_ray.errors import InputError
+
+QUANTIZER_FILE = "quantizer.json"
+Distance = Literal["l2", "cosine"]
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """What the SID-assignment stage needs from a quantizer (RQ-VAE, RQ-KMeans, ...)."""
+
+    sizes: list[int]  # codebook size per level, L entries
+
+    def fit(self, x: np.ndarray, *args, **kwargs) -> "Quantizer":
+        """Train on (N, D) float32 embeddings; returns self."""
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """(N, D) float32 -> (N, L) int64 codes (the inference assignment)."""
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """(N, L) int64 codes -> (N, D) float32 reconstructions."""
+
+    def rank_last_level(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (codes (N, L) int64, candidates (N, k) int64): last-level codes, best first,
+        under each item's own first L-1 codes; ``candidates[:, 0] == codes[:, -1]``."""
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write ``quantizer.json`` and weights into ``folder`` (created if missing)."""
+
+
+# ----------------------------------------------------------------------------- nearest codes
+
+def code_costs(r: torch.Tensor, codebook: torch.Tensor, distance: Distance = "l2",
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Assignment cost of every row to every code; lower is better.
+
+    Args:
+        r: (B, d) residuals.  codebook: (K, d).  bias: optional (K,) subtracted from
+            the cost (balanced quantizers learn one per code; see balanced.py).
+    Returns:
+        (B, K): squared L2 distance, or ``1 - cosine`` for ``distance="cosine"``.
+    """
+    if distance == "cosine":
+        cost = 1.0 - torch.nn.functional.normalize(r, dim=1) @ \
+            torch.nn.functional.normalize(codebook, dim=1).T
+    else:
+        # ||r||^2 - 2 r.c + ||c||^2 without materialising (B, K, d); clamp rounding noise.
+        cost = (r.pow(2).sum(1, keepdim=True) - 2.0 * r @ codebook.T
+                + codebook.pow(2).sum(1)[None, :]).clamp_min_(0.0)
+    if bias is not None:
+        cost = cost - bias[None, :]
+    return cost
+
+
+def nearest_codes(r: torch.Tensor, codebook: torch.Tensor, distance: Distance = "l2",
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, d) residuals -> (B,) int64 index of the lowest-cost code."""
+    return code_costs(r, codebook, distance, bias).argmin(dim=1)
+
+
+def ranked_codes(r: torch.Tensor, codebook: torch.Tensor, k: int, distance: Distance = "l2",
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, d) residuals -> (B, k) int64 codes, lowest cost first (ties: lower index)."""
+    cost = code_costs(r, codebook, distance, bias)
+    # stable sort so candidates[:, 0] agrees with argmin's lowest-index tie-breaking
+    return torch.sort(cost, dim=1, stable=True).indices[:, :k]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def batched(fn: Callable[[np.ndarray], np.ndarray | tuple], x: np.ndarray,
+            batch_size: int) -> np.ndarray | tuple:
+    """Apply ``fn`` to row slices of ``x`` and concatenate: peak memory is one batch
+    of ``fn``'s intermediates (e.g. B x K costs) plus the outputs."""
+    outs = [fn(x[i:i + batch_size]) for i in range(0, max(len(x), 1), batch_size)]
+    if isinstance(outs[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*outs))
+    return np.concatenate(outs)
+
+
+def check_embeddings(x: np.ndarray, dim: int | None = None, what: str = "embeddings") -> np.ndarray:
+    """Validate (N, D) input and return it as C-contiguous float32."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise InputError(what, f"expected a 2-D (N, D) array, got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise InputError(what, f"expected {dim}-d embeddings, got {x.shape[1]}-d")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise InputError(what, "contains NaN or infinite values")
+    return x
+
+
+def check_codes(codes: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """Validate (N, L) codes against per-level sizes; return int64."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.ndim != 2 or codes.shape[1] != len(sizes):
+        raise InputError("codes", f"expected shape (N, {len(sizes)}), got {codes.shape}")
+    if len(codes) and ((codes < 0).any() or (codes >= np.asarray(sizes)[None, :]).any()):
+        raise InputError("codes", f"code out of range for level sizes {sizes}")
+    return codes
+
+
+def write_quantizer_json(folder: str | os.PathLike, qtype: str, sizes: list[int],
+                         config: dict) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"type": qtype, "sizes": [int(s) for s in sizes], "config": config}
+    (folder / QUANTIZER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def read_quantizer_json(folder: str | os.PathLike, qtype: str | None = None) -> dict:
+    path = Path(folder) / QUANTIZER_FILE
+    if not path.is_file():
+        raise InputError(folder, f"no {QUANTIZER_FILE} (not a saved quantizer)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"corrupt quantizer description: {e}") from None
+    if not isinstance(meta, dict) or "type" not in meta or "config" not in meta:
+        raise InputError(path, "missing 'type' or 'config'")
+    if qtype is not None and meta["type"] != qtype:
+        raise InputError(folder, f"expected a {qtype!r} quantizer, found {meta['type']!r}")
+    return meta
+
+
+def load_quantizer(folder: str | os.PathLike) -> Quantizer:
+    """Load any saved quantizer; dispatches on ``quantizer.json``'s ``type``."""
+    from forge_ray.core.quantize.rq_kmeans import RQKMeans
+    from forge_ray.core.quantize.rqvae import RQVAE
+
+    types = {RQVAE.TYPE: RQVAE, RQKMeans.TYPE: RQKMeans}
+    meta = read_quantizer_json(folder)
+    cls = types.get(meta["type"])
+    if cls is None:
+        raise InputError(Path(folder) / QUANTIZER_FILE,
+                         f"unknown quantizer type {meta['type']!r}; known: {', '.join(types)}")
+    return cls.load(folder)
