@@ -100,6 +100,13 @@ def unpack_codes(keys: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
     return out
 
 
+def check_codes(codes: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Return ``codes`` as int64 after checking shape and per-level ranges (ValueError)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    _check_codes(codes, sizes)
+    return codes
+
+
 def _check_codes(codes: np.ndarray, sizes: Sequence[int]) -> None:
     if codes.ndim != 2 or codes.shape[1] > len(sizes):
         raise ValueError(f"codes of shape {codes.shape} do not fit {len(sizes)} levels")

@@ -1,0 +1,119 @@
+"""SID quality metrics on hand-made cases."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from forge_ray.core.sid.metrics import (SidMetricsConfig, collision_rate, embedding_hitrate, gini,
+                                        level_counts, lorenz_curve, max_items_per_sid, perplexity,
+                                        reconstruction_mse, sid_counts, sid_quality,
+                                        unique_sid_ratio, utilization)
+
+
+def test_gini_by_hand():
+    assert gini([4, 4, 4, 4]) == pytest.approx(0.0)
+    # one SID holds everything: (N+1)/N - 2 * 1 * 10 / (N * 10) = 5/4 - 1/2 = (N-1)/N
+    assert gini([0, 0, 10, 0]) == pytest.approx(0.75)
+    # sorted y = 1, 1, 1, 97, weights 4, 3, 2, 1: 5/4 - 2 * 106 / 400 = 0.72
+    assert gini([97, 1, 1, 1]) == pytest.approx(0.72)
+    x, y = lorenz_curve([3, 1])
+    assert x.tolist() == [0, 0.5, 1] and y.tolist() == [0, 0.25, 1]
+
+
+def test_collision_counts_by_hand():
+    codes = np.array([[0, 0], [0, 0], [0, 1], [1, 0], [1, 0], [1, 0], [2, 2]])
+    counts = sid_counts(codes)
+    assert sorted(counts.tolist()) == [1, 1, 2, 3]
+    assert collision_rate(counts) == pytest.approx(5 / 7)
+    assert unique_sid_ratio(counts) == pytest.approx(4 / 7)
+    assert max_items_per_sid(counts) == 3
+    assert collision_rate([1, 1, 1]) == 0.0
+
+
+def test_level_usage_utilization_perplexity():
+    codes = np.array([[0, 0], [1, 0], [2, 0], [3, 0]])
+    lv = level_counts(codes, [4, 8])
+    assert lv[0].tolist() == [1, 1, 1, 1] and lv[1].tolist() == [4] + [0] * 7
+    assert perplexity(lv[0]) == pytest.approx(4.0) and utilization(lv[0]) == 1.0
+    assert perplexity(lv[1]) == pytest.approx(1.0) and utilization(lv[1]) == 1 / 8
+    assert perplexity([5, 5, 0, 0]) == pytest.approx(2.0)
+    q = sid_quality(sid_counts(codes), lv)
+    assert q["items"] == 4 and q["collision_rate"] == 0 and q["perplexity"] == pytest.approx([4, 1])
+
+
+def test_reconstruction_mse():
+    x = np.array([[1.0, 2.0], [3.0, 4.0]])
+    assert reconstruction_mse(x, x + np.array([[1.0, 0.0], [0.0, -3.0]])) == pytest.approx(10 / 4)
+    with pytest.raises(ValueError):
+        reconstruction_mse(x, x[:1])
+
+
+def test_empty_counts_rejected():
+    with pytest.raises(ValueError, match="no items"):
+        gini([])
+
+
+def _unit(deg):
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+# Items on the unit circle; 7 and 8 share one SID (identical reconstructions).
+IDS = np.array([1, 2, 3, 4, 5, 7, 8])
+RECON = np.array([_unit(0), _unit(8), _unit(90), _unit(97), _unit(180), _unit(300), _unit(300)],
+                 dtype=np.float32) * np.array([[1], [2], [1], [3], [1], [1], [1]], dtype=np.float32)
+HIST = [[1], [1], [3, 1], [99], [1], [1], [], [7]]
+TARGETS = np.array([2, 1, 4, 1, 5, 77, 3, 8])
+# topk=1 neighbour (itself excluded): 1->2, 3->4, 7->8. Sessions:
+# 0 hit; 1 miss (1 is not its own neighbour); 2 hit via 3; 3 skipped (no known history);
+# 4 miss; 5 skipped (unknown target); 6 skipped (empty); 7 hit (self excluded by id).
+
+
+def test_embedding_hitrate_by_hand():
+    res = embedding_hitrate(IDS, RECON, HIST, TARGETS, SidMetricsConfig(topk=1))
+    assert (res["hits"], res["sessions"]) == (3, 5)
+    assert res["skipped_no_history"] == 2 and res["skipped_unknown_target"] == 1
+    assert res["hitrate"] == pytest.approx(3 / 5)
+    # Item 5 (180 deg) is the last of item 1's 6 other items: found only with topk >= 6;
+    # session 1 never hits, whatever topk, because an item is not its own neighbour.
+    assert embedding_hitrate(IDS, RECON, HIST, TARGETS, SidMetricsConfig(topk=5))["hits"] == 3
+    assert embedding_hitrate(IDS, RECON, HIST, TARGETS, SidMetricsConfig(topk=6))["hits"] == 4
+    assert embedding_hitrate(IDS, RECON, HIST, TARGETS, SidMetricsConfig(topk=50))["hits"] == 4
+
+
+def test_embedding_hitrate_input_forms_and_batching_agree():
+    arrow = pa.array(HIST, type=pa.list_(pa.int64()))
+    a = embedding_hitrate(IDS, RECON, arrow, TARGETS, SidMetricsConfig(topk=1, batch_sessions=2))
+    b = embedding_hitrate(IDS, RECON, pa.chunked_array([arrow]), TARGETS,
+                          SidMetricsConfig(topk=1, index_factory="HNSW8"))
+    assert a["hits"] == b["hits"] == 3 and a["sessions"] == b["sessions"] == 5
+
+
+def test_embedding_hitrate_sampling():
+    rng = np.random.default_rng(0)
+    n = 300
+    ids = np.arange(1000, 1000 + n)
+    recon = rng.normal(size=(n, 8)).astype(np.float32)
+    hist = [rng.choice(ids, 3, replace=False) for _ in range(50)]
+    targets = rng.choice(ids, 50)
+    full = embedding_hitrate(ids, recon, hist, targets, SidMetricsConfig(topk=30))
+    assert full["sessions"] == 50 and full["gallery"] == n
+    part = embedding_hitrate(ids, recon, hist, targets,
+                             SidMetricsConfig(topk=30, max_sessions=10, gallery_size=100, seed=1))
+    assert part["sessions"] == 10 and part["gallery"] == 100
+    again = embedding_hitrate(ids, recon, hist, targets,
+                              SidMetricsConfig(topk=30, max_sessions=10, gallery_size=100, seed=1))
+    assert part == again
+    # a smaller gallery has fewer distractors: hit rate cannot drop
+    small = embedding_hitrate(ids, recon, hist, targets, SidMetricsConfig(topk=30, gallery_size=160))
+    assert small["hits"] >= full["hits"]
+
+
+def test_embedding_hitrate_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="duplicate"):
+        embedding_hitrate(np.array([1, 1]), np.eye(2), [[1]], np.array([1]))
+    with pytest.raises(ValueError, match="targets"):
+        embedding_hitrate(IDS, RECON, HIST, TARGETS[:3])
+    with pytest.raises(ValueError, match="topk"):
+        SidMetricsConfig(topk=0)
