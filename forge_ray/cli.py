@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "generate FORGE-shaped synthetic data in FORGE's own formats"),
     "ingest": ("ingest", "turn FORGE npz / AL-GR / Amazon / Parquet / logs into a canonical dataset"),
     "embed": ("embed", "add text embeddings to a dataset's items with a sentence-transformers model"),
+    "train-sid": ("train_sid", "train an RQ-VAE / RQ-KMeans SID quantizer (Ray Train + DeepSpeed)"),
+    "assign": ("assign", "assign one SID per item with a trained quantizer + collision handling (Ray Data)"),
+    "sid-metrics": ("sid_metrics", "SID quality: collisions, Gini, utilisation, reconstruction, Embedding HitRate"),
+    "train-gr": ("train_gr", "train a generative-retrieval model on SID sequences (Ray Train + DeepSpeed)"),
+    "eval-gr": ("eval_gr", "Recall/NDCG/HR@K of a GR model with constrained beam search in Ray actors"),
     "demo": ("demo", "synthesise a small FORGE-shaped dataset and run the pipeline on it"),
 }
 

@@ -27,6 +27,10 @@ class InputError(ForgeRayError):
         msg = problem if self.source is None else f"{self.source}: {problem}"
         super().__init__(" ".join(msg.split()))  # keep it on one line
 
+    def __reduce__(self):
+        # Rebuild from (source, problem) so the error survives crossing a Ray task.
+        return (type(self), (self.source, self.problem))
+
 
 class ConfigError(InputError):
     """A configuration value or key is invalid."""

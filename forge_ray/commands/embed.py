@@ -1,0 +1,35 @@
+"""``forge-ray embed DATASET``: text embeddings for a dataset's items, on Ray."""
+
+from __future__ import annotations
+
+import argparse
+
+from forge_ray.commands import add_common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from forge_ray.distributed.embed import DEFAULT_MODEL
+
+    parser.add_argument("dataset", help="dataset folder whose items have a text column")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="sentence-transformers model folder or installed package bundling "
+                             f"one (default: {DEFAULT_MODEL})")
+    parser.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass")
+    parser.add_argument("--actors", type=int, default=1, help="model replicas (actors)")
+    parser.add_argument("--out", default=None,
+                        help="write a new dataset here (default: replace DATASET atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_common(parser, config=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from forge_ray.distributed.embed import embed
+    from forge_ray.distributed.session import ray_session
+
+    with ray_session(args.address):
+        manifest = embed(args.dataset, args.out, args.model, args.batch_size, args.actors,
+                         overwrite=args.overwrite)
+    print(f"embedded {manifest['counts']['items']:,} items with {manifest['embedding_model']} "
+          f"({manifest['embedding_dim']}-d {manifest['embedding_dtype']}) -> "
+          f"{args.out or args.dataset}")
+    return 0

@@ -1,0 +1,37 @@
+"""``forge-ray ingest SRC... --out DATASET``: build a canonical dataset on Ray."""
+
+from __future__ import annotations
+
+import argparse
+
+from forge_ray.commands import add_common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="+", metavar="SRC",
+                        help="input files or folders (FORGE npz, AL-GR tsv, Amazon folder, "
+                             "Parquet, interaction logs); the format is detected")
+    parser.add_argument("--out", required=True, help="dataset folder to create")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse instead of dropping and counting bad rows")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--chunk-rows", type=int, default=65_536,
+                        help="rows per read task (bounds each worker's memory)")
+    parser.add_argument("--buckets", type=int, default=0,
+                        help="hash buckets for the duplicate / unknown-item checks "
+                             "(default: one per 2M rows)")
+    add_common(parser, config=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from forge_ray.config import from_dict
+    from forge_ray.distributed.ingest import IngestConfig, ingest, summary
+    from forge_ray.distributed.session import ray_session
+
+    config = from_dict(IngestConfig, {"strict": args.strict, "chunk_rows": args.chunk_rows,
+                                      "buckets": args.buckets}, "command line")
+    with ray_session(args.address):
+        manifest = ingest(args.sources, args.out, config, overwrite=args.overwrite)
+    print(summary(manifest))
+    print(f"wrote {args.out}")
+    return 0
