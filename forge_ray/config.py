@@ -28,7 +28,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Build a validated ``cls`` from an optional YAML file and ``key=value`` overrides."""
     raw: dict[str, Any] = {}
-    source = "<defaults>"
+    source = "command line"
     if path is not None:
         source = os.fspath(path)
         p = Path(path)

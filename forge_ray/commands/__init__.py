@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def add_common(parser: argparse.ArgumentParser, config: bool = True) -> None:
@@ -13,3 +16,25 @@ def add_common(parser: argparse.ArgumentParser, config: bool = True) -> None:
         parser.add_argument("--config", default=None, help="stage YAML config")
         parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                             help="config overrides, e.g. train.lr=1e-3")
+
+
+def stage_config(cls, args: argparse.Namespace, **flags):
+    """The stage's typed config: ``--config`` YAML, then KEY=VALUE overrides, then flags.
+
+    Flags left at ``None`` (not given) do not override the file, so a YAML value
+    wins over an argparse default.
+    """
+    from forge_ray.config import load_config
+
+    given = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    return load_config(cls, args.config, [*args.overrides, *given])
+
+
+def split_overrides(values: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``KEY=VALUE`` overrides from other positional values (e.g. input paths).
+
+    argparse cannot split two variadic positionals, so a command taking several
+    paths gets them mixed; anything that looks like ``name=...`` is an override.
+    """
+    overrides = [v for v in values if _OVERRIDE.match(v)]
+    return [v for v in values if not _OVERRIDE.match(v)], overrides

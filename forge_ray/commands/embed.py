@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import argparse
 
-from forge_ray.commands import add_common
+from forge_ray.commands import add_common, stage_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from forge_ray.distributed.embed import DEFAULT_MODEL
 
     parser.add_argument("dataset", help="dataset folder whose items have a text column")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
+    parser.add_argument("--model", default=None,
                         help="sentence-transformers model folder or installed package bundling "
                              f"one (default: {DEFAULT_MODEL})")
-    parser.add_argument("--batch-size", type=int, default=64, help="sentences per forward pass")
-    parser.add_argument("--actors", type=int, default=1, help="model replicas (actors)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sentences per forward pass (default 64)")
+    parser.add_argument("--actors", type=int, default=None, help="model replicas (default 1)")
     parser.add_argument("--out", default=None,
                         help="write a new dataset here (default: replace DATASET atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    add_common(parser, config=False)
+    add_common(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from forge_ray.distributed.embed import embed
+    from forge_ray.distributed.embed import EmbedConfig, embed
     from forge_ray.distributed.session import ray_session
 
+    cfg = stage_config(EmbedConfig, args, model=args.model, batch_size=args.batch_size,
+                       actors=args.actors)
     with ray_session(args.address):
-        manifest = embed(args.dataset, args.out, args.model, args.batch_size, args.actors,
+        manifest = embed(args.dataset, args.out, cfg.model, cfg.batch_size, cfg.actors,
                          overwrite=args.overwrite)
     print(f"embedded {manifest['counts']['items']:,} items with {manifest['embedding_model']} "
           f"({manifest['embedding_dim']}-d {manifest['embedding_dtype']}) -> "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from forge_ray.commands import add_common
+from forge_ray.commands import add_common, split_overrides, stage_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,24 +12,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input files or folders (FORGE npz, AL-GR tsv, Amazon folder, "
                              "Parquet, interaction logs); the format is detected")
     parser.add_argument("--out", required=True, help="dataset folder to create")
-    parser.add_argument("--strict", action="store_true",
+    parser.add_argument("--strict", action="store_true", default=None,
                         help="refuse instead of dropping and counting bad rows")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--chunk-rows", type=int, default=65_536,
-                        help="rows per read task (bounds each worker's memory)")
-    parser.add_argument("--buckets", type=int, default=0,
+    parser.add_argument("--chunk-rows", type=int, default=None,
+                        help="rows per read task (bounds each worker's memory; default 65536)")
+    parser.add_argument("--buckets", type=int, default=None,
                         help="hash buckets for the duplicate / unknown-item checks "
                              "(default: one per 2M rows)")
-    add_common(parser, config=False)
+    add_common(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from forge_ray.config import from_dict
     from forge_ray.distributed.ingest import IngestConfig, ingest, summary
     from forge_ray.distributed.session import ray_session
 
-    config = from_dict(IngestConfig, {"strict": args.strict, "chunk_rows": args.chunk_rows,
-                                      "buckets": args.buckets}, "command line")
+    args.sources, extra = split_overrides(args.sources)
+    args.overrides = [*extra, *args.overrides]
+    config = stage_config(IngestConfig, args, strict=args.strict, chunk_rows=args.chunk_rows,
+                          buckets=args.buckets)
     with ray_session(args.address):
         manifest = ingest(args.sources, args.out, config, overwrite=args.overwrite)
     print(summary(manifest))

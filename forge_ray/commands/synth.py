@@ -2,8 +2,8 @@
 
 Runs in process (no Ray): ``forge-ray synth data/synth --items 100000 --dim 64
 --users 10000 --seed 0``. Any other generator parameter is a ``KEY=VALUE`` override
-written right after OUT (``forge-ray synth OUT branching=[16,16,8] zipf_alpha=1.2
---items ...``) or comes from ``--config synth.yaml``.
+(``forge-ray synth OUT branching=[16,16,8] zipf_alpha=1.2 --items ...``) or comes
+from ``--config synth.yaml``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from forge_ray.config import load_config
+from forge_ray.commands import stage_config
 from forge_ray.data.synth import SynthConfig, generate
 from forge_ray.io import atomic_dir, write_manifest
 
@@ -30,9 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    flags = [f"{k}={v}" for k in ("items", "dim", "users", "seed")
-             if (v := getattr(args, k)) is not None]
-    cfg = load_config(SynthConfig, args.config, [*args.overrides, *flags])
+    cfg = stage_config(SynthConfig, args, items=args.items, dim=args.dim, users=args.users,
+                       seed=args.seed)
     with atomic_dir(args.out, args.overwrite) as tmp:
         counts = generate(cfg, tmp, progress=not args.no_progress)
         write_manifest(tmp, "synthetic", generator="forge_ray.data.synth",

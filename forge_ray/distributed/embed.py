@@ -10,6 +10,7 @@ whose manifest records the model, dim and dtype. The other tables are hard-linke
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shutil
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
+from forge_ray.config import require
 from forge_ray.data.schema import DATASET_KIND, TABLES, embedding_array, items_schema
 from forge_ray.distributed.dataset import dataset_manifest, parquet_rows, read_items
 from forge_ray.errors import ForgeRayError, InputError
@@ -45,6 +47,19 @@ def resolve_model(spec: str) -> tuple[str, str]:
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         raise InputError(path, "not a sentence-transformers model folder (no modules.json)")
     return str(path.resolve()), spec if not Path(spec).is_dir() else path.name
+
+
+@dataclasses.dataclass
+class EmbedConfig:
+    """``forge-ray embed`` options: the model (folder or package) and its parallelism."""
+
+    model: str = DEFAULT_MODEL
+    batch_size: int = 64   # sentences per forward pass
+    actors: int = 1        # model replicas, each with half a CPU
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, "batch_size must be at least 1")
+        require(self.actors >= 1, "actors must be at least 1")
 
 
 class TextEmbedder:

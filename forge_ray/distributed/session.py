@@ -24,7 +24,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1")
+        # address="local" always starts a fresh private cluster: a bare ray.init()
+        # would silently join any other Ray instance running on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 dashboard_host="127.0.0.1")
     try:
         yield
     finally:
