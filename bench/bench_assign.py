@@ -1,0 +1,116 @@
+"""Benchmark of SID assignment (forge-ray assign), all in one process and run:
+
+* Ray Data path: ``assign()`` end to end (encode actors + write + verify + exports),
+  strategy ``none`` and FORGE's ``cap``;
+* the same encode in one process without Ray (``RQKMeans.encode``);
+* ``faiss.ResidualQuantizer.compute_codes`` on IDENTICAL codebooks (greedy, beam 1);
+* a large float32 matmul (torch) as the machine's measured peak, and the fraction of
+  it that the nearest-code search reaches (2 * N * K * d FLOPs per level).
+
+Usage: ``python bench/bench_assign.py --items 100000 --dim 64 --sizes 256 256 256``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import torch
+
+from forge_ray.core.quantize.rq_kmeans import RQKMeans
+from forge_ray.data.schema import ShardWriter, embedding_array, items_schema
+from forge_ray.io import write_manifest
+
+
+def timed(fn, repeat=1):
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def matmul_gflops(n=2048, repeat=3) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    sec, _ = timed(lambda: a @ b, repeat)
+    return 2 * n ** 3 / sec / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 256, 256])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.items, args.dim)).astype(np.float32)
+    q = RQKMeans(sizes=args.sizes, niter=2, seed=0).fit(x[:20_000])
+    n, d, sizes = args.items, args.dim, args.sizes
+
+    t_core, codes = timed(lambda: q.encode(x))
+    assert len(set(sizes)) == 1 and sizes[0] & (sizes[0] - 1) == 0, "faiss RQ: equal power-of-2 sizes"
+    rq = faiss.ResidualQuantizer(d, len(sizes), int(np.log2(sizes[0])))
+    faiss.copy_array_to_vector(np.concatenate(q.codebooks).ravel(), rq.codebooks)
+    rq.is_trained = True
+    rq.max_beam_size = 1  # greedy level by level = our encode
+    t_faiss, packed = timed(lambda: rq.compute_codes(x))
+    bits = [int(np.log2(k)) for k in sizes]
+    fcodes = np.zeros((n, len(sizes)), dtype=np.int64)
+    packed_int = np.zeros(n, dtype=np.uint64)
+    for i in range(packed.shape[1]):
+        packed_int |= packed[:, i].astype(np.uint64) << np.uint64(8 * i)
+    shift = 0
+    for lvl, b in enumerate(bits):
+        fcodes[:, lvl] = ((packed_int >> np.uint64(shift)) & np.uint64((1 << b) - 1)).astype(np.int64)
+        shift += b
+    agree = float((fcodes == codes).all(axis=1).mean())
+    flops = 2.0 * n * d * sum(sizes)
+    peak = matmul_gflops()
+
+    import ray
+    from forge_ray.config import load_config
+    from forge_ray.distributed.assign import AssignConfig, assign
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        with ShardWriter(tmp / "data/items", items_schema(d), rows_per_shard=25_000) as w:
+            w.write(pa.table({"item_id": np.arange(n, dtype=np.int64), "embedding": embedding_array(x)}))
+        write_manifest(tmp / "data", "dataset", counts={"items": n}, embedding_dim=d,
+                       embedding_dtype="float32")
+        q.save(tmp / "model")
+        for strategy in ("none", "cap"):
+            cfg = load_config(AssignConfig, None, [f"collisions.strategy={strategy}", "pool.actors=2",
+                                                   "pool.batch_size=8192", "partitions=2"])
+            ray_times[strategy], _ = timed(lambda: assign(tmp / "model", tmp / "data",
+                                                          tmp / f"sids_{strategy}", cfg))
+    ray.shutdown()
+
+    print(f"items={n} dim={d} sizes={sizes} threads={args.threads}")
+    print(f"core encode (1 process)       : {n / t_core:12,.0f} items/s")
+    print(f"faiss RQ compute_codes        : {n / t_faiss:12,.0f} items/s  (codes agree {agree:.4f})")
+    for s, t in ray_times.items():
+        print(f"Ray Data assign ({s:4s}, e2e)  : {n / t:12,.0f} items/s")
+    print(f"ratio core/faiss              : {t_faiss / t_core:.2f}x")
+    print(f"ratio ray(none)/core          : {t_core / ray_times['none']:.3f}x")
+    print(f"matmul peak                   : {peak:8.1f} GFLOP/s")
+    print(f"nearest-code search           : {flops / t_core / 1e9:8.1f} GFLOP/s = "
+          f"{flops / t_core / 1e9 / peak:.1%} of peak (core), "
+          f"{flops / t_faiss / 1e9 / peak:.1%} (faiss)")
+
+
+if __name__ == "__main__":
+    main()

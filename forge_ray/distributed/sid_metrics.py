@@ -1,0 +1,384 @@
+"""``forge-ray sid-metrics``: SID quality of a SIDS_DIR, computed on Ray.
+
+* **Counts** (:func:`key_counts`): one distributed ``groupby`` counts items per item
+  id, per raw SID (``codes``) and per final SID (``sid``); a ``map_batches`` pass turns
+  the count table into per-batch partial histograms (SIDs with v items) and per-level
+  code counts, which the driver sums while streaming. The driver holds O(max items
+  per SID + sum(sizes)) numbers, never the per-SID table.
+* **Reconstruction** (with ``--data``): the dataset's items are full-outer-joined to
+  the SID table on ``item_id`` (Ray Data hash join) and decoded in a quantizer actor
+  pool; each batch returns squared-error sums. Items without a SID are an error;
+  SIDs of unknown items are counted.
+* **Embedding HitRate** (with ``--data`` and sequences): sessions (target = last item,
+  history = the items before it) are sampled by a seeded hash of ``user_id``
+  (about ``hitrate.max_sessions``) and collected; the gallery (session items plus a
+  hash-sampled ``gallery_size`` of distractors, or every item) is decoded in the actor
+  pool and collected; the core :func:`~forge_ray.core.sid.metrics.embedding_hitrate`
+  searches it with faiss. Driver memory: gallery x D float32 plus the sessions.
+  Sequence items without a SID are counted with a distributed anti-join.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import ray.data
+from ray.data.aggregate import Count, Sum
+
+from forge_ray.config import require, to_dict
+from forge_ray.core.sid.codes import pack_codes, unpack_codes
+from forge_ray.core.sid.metrics import SidMetricsConfig, embedding_hitrate, perplexity, utilization
+from forge_ray.core.sid.plots import plot_code_usage, plot_sid_distribution
+from forge_ray.data.schema import embedding_array, embeddings_to_numpy
+from forge_ray.distributed.assign import (SIDS_KIND, ActorPoolConfig, QuantizerActor, list_codes,
+                                          load_model, partitions_for, quantizer_dim,
+                                          read_sid_table, user_error)
+from forge_ray.distributed.dataset import dataset_manifest, read_items, read_sequences
+from forge_ray.errors import InputError
+from forge_ray.io import atomic_dir, read_manifest, write_manifest
+
+KINDS = ("item_id", "codes", "sid")  # what key_counts counts, by kind index
+
+
+@dataclasses.dataclass
+class SidMetricsStageConfig:
+    """Options of ``forge-ray sid-metrics``.
+
+    hitrate: Embedding HitRate settings (core config; ``max_sessions`` and
+        ``gallery_size`` are applied here as seeded hash samples before collecting).
+    pool: the decoder actor pool.  partitions: groupby/join partitions (0: per 1M rows).
+    max_plot_sids: the items-per-SID plot draws at most this many SIDs (a seeded
+        sample of the exact histogram); the metrics are always exact.
+    """
+
+    hitrate: SidMetricsConfig = dataclasses.field(default_factory=SidMetricsConfig)
+    pool: ActorPoolConfig = dataclasses.field(default_factory=ActorPoolConfig)
+    partitions: int = 0
+    max_plot_sids: int = 5_000_000
+
+    def __post_init__(self):
+        require(self.partitions >= 0, "partitions must be >= 0")
+        require(self.max_plot_sids >= 1, "max_plot_sids must be >= 1")
+
+
+# ----------------------------------------------------------------------------- counting
+
+class KeyCounts(NamedTuple):
+    """hist[k][v]: number of distinct keys of kind k (KINDS) holding v items.
+    levels[k]: per level, (size,) code usage counts of kind k (1: codes, 2: sid)."""
+
+    hist: list[np.ndarray]
+    levels: dict[int, list[np.ndarray]]
+
+
+def key_counts(table: ray.data.Dataset, sizes: list[int], suffix: bool, parts: int) -> KeyCounts:
+    """Items per item id, per raw SID and per final SID via one distributed groupby.
+
+    ``table`` has ``item_id``, ``codes`` (L levels) and ``sid`` (L, or L+1 with a
+    ``suffix`` level). Final SIDs are keyed by (packed first L codes, suffix).
+    """
+    n_levels = len(sizes)
+    keyed = table.map_batches(_keys, batch_format="pyarrow",
+                              fn_kwargs={"sizes": sizes, "suffix": suffix})
+    counted = keyed.groupby(["kind", "key", "extra"], num_partitions=parts).count()
+    partial = counted.map_batches(_summarise, batch_format="pyarrow",
+                                  fn_kwargs={"sizes": sizes, "suffix": suffix})
+    acc: dict[tuple[int, int], np.ndarray] = {}
+    for batch in partial.iter_batches(batch_format="numpy", batch_size=None):
+        for k, lvl, idx, n in zip(*(batch[c] for c in ("kind", "level", "index", "n"))):
+            arr = acc.get((int(k), int(lvl)), np.zeros(0, dtype=np.int64))
+            if idx >= arr.size:
+                arr = np.concatenate([arr, np.zeros(int(idx) + 1 - arr.size, dtype=np.int64)])
+            arr[idx] += n
+            acc[(int(k), int(lvl))] = arr
+    hist = [acc.get((k, -1), np.zeros(0, dtype=np.int64)) for k in range(len(KINDS))]
+    levels = {}
+    for k in (1, 2):
+        lv = [_padded(acc.get((k, lvl)), sizes[lvl]) for lvl in range(n_levels)]
+        if k == 2 and suffix:
+            lv.append(acc.get((k, n_levels), np.zeros(1, dtype=np.int64)))
+        levels[k] = lv
+    return KeyCounts(hist, levels)
+
+
+def _padded(arr: np.ndarray | None, size: int) -> np.ndarray:
+    out = np.zeros(size, dtype=np.int64)
+    if arr is not None:
+        out[:arr.size] = arr
+    return out
+
+
+def _keys(batch: pa.Table, sizes: list[int], suffix: bool) -> pa.Table:
+    n_levels, n = len(sizes), batch.num_rows
+    codes = list_codes(batch["codes"], n_levels)
+    sid = list_codes(batch["sid"], n_levels + suffix)
+    zeros = np.zeros(n, dtype=np.int64)
+    return pa.table({
+        "kind": np.repeat(np.arange(3, dtype=np.int64), n),
+        "key": np.concatenate([batch["item_id"].to_numpy().astype(np.int64), pack_codes(codes, sizes),
+                               pack_codes(sid[:, :n_levels], sizes)]),
+        "extra": np.concatenate([zeros, zeros, sid[:, n_levels] if suffix else zeros])})
+
+
+def _summarise(batch: pa.Table, sizes: list[int], suffix: bool) -> pa.Table:
+    """Per-key counts -> nonzero partial sums as rows (kind, level, index, n);
+    level -1 is the items-per-key histogram."""
+    kind = batch["kind"].to_numpy()
+    key, extra = batch["key"].to_numpy(), batch["extra"].to_numpy()
+    count = batch["count()"].to_numpy().astype(np.int64)
+    out = []
+
+    def emit(k, lvl, values):
+        idx = np.flatnonzero(values)
+        out.append(np.stack([np.full(idx.size, k), np.full(idx.size, lvl), idx, values[idx]], axis=1))
+
+    for k in range(3):
+        sel = kind == k
+        if not sel.any():
+            continue
+        emit(k, -1, np.bincount(count[sel]))
+        if k:
+            codes = unpack_codes(key[sel], sizes)
+            for lvl, size in enumerate(sizes):
+                emit(k, lvl, np.bincount(codes[:, lvl], weights=count[sel], minlength=size).astype(np.int64))
+            if k == 2 and suffix:
+                emit(k, len(sizes), np.bincount(extra[sel], weights=count[sel]).astype(np.int64))
+    rows = np.concatenate(out) if out else np.zeros((0, 4), dtype=np.int64)
+    return pa.table({c: rows[:, i].astype(np.int64) for i, c in enumerate(("kind", "level", "index", "n"))})
+
+
+def histogram_quality(hist: np.ndarray) -> dict:
+    """Count metrics of SIDs from ``hist[v]`` = number of SIDs holding v items.
+
+    Exactly the core ``sid_quality`` numbers (items, sids, collision_rate,
+    unique_sid_ratio, max_items_per_sid, gini) without expanding per-SID counts: in
+    FORGE's Gini the SIDs sorted ascending form one block per value v occupying ranks
+    a+1..a+f, whose weights (N+1-i) sum to f(N+1) - f(2a+f+1)/2.
+    """
+    values = np.flatnonzero(hist)
+    if values.size == 0:
+        raise ValueError("no items counted")
+    freq = hist[values].astype(np.float64)
+    v = values.astype(np.float64)
+    items, sids = float((v * freq).sum()), float(freq.sum())
+    before = np.r_[0.0, np.cumsum(freq)[:-1]]  # SIDs ranked before each block
+    weights = freq * (sids + 1) - freq * (2 * before + freq + 1) / 2
+    return {"items": int(items), "sids": int(sids),
+            "collision_rate": float((v * freq)[values > 1].sum() / items),
+            "unique_sid_ratio": sids / items, "max_items_per_sid": int(values.max()),
+            "gini": float((sids + 1) / sids - 2.0 * (weights * v).sum() / (sids * items))}
+
+
+def level_quality(levels: list[np.ndarray]) -> dict:
+    return {"utilization": [utilization(c) for c in levels],
+            "perplexity": [perplexity(c) for c in levels]}
+
+
+def expand_hist(hist: np.ndarray, limit: int, seed: int) -> tuple[np.ndarray, bool]:
+    """Per-SID counts from a histogram; a seeded sample of ``limit`` SIDs if larger."""
+    values = np.flatnonzero(hist)
+    freq = hist[values]
+    sampled = freq.sum() > limit
+    if sampled:
+        freq = np.random.default_rng(seed).multivariate_hypergeometric(freq, limit)
+    return np.repeat(values, freq), bool(sampled)
+
+
+# ----------------------------------------------------------------------------- with data
+
+class ReconStats(QuantizerActor):
+    """Joined batch (embedding and codes/sid, either may be null) -> one row of sums."""
+
+    def __init__(self, model_dir: str, cpus: float, sid_levels: int):
+        super().__init__(model_dir, cpus)
+        self.sid_levels = sid_levels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        has_emb = np.asarray(batch["embedding"].is_valid())
+        has_sid = np.asarray(batch["codes"].is_valid())
+        both = pa.array(has_emb & has_sid)
+        missing = has_emb & ~has_sid
+        ids = batch["item_id"].to_numpy()
+        x = embeddings_to_numpy(batch["embedding"].filter(both))
+        n_levels = len(self.sizes)
+        codes = list_codes(batch["codes"].filter(both), n_levels)
+        sid = list_codes(batch["sid"].filter(both), self.sid_levels)[:, :n_levels]
+        sq = [float(((x.astype(np.float64) - self.quantizer.decode(c)) ** 2).sum()) if len(c) else 0.0
+              for c in (codes, sid)]
+        return pa.table({"items": [int(both.true_count)], "missing": [int(missing.sum())],
+                         "missing_example": [int(ids[missing][0]) if missing.any() else -1],
+                         "unknown_sids": [int((~has_emb & has_sid).sum())],
+                         "sq_raw": [sq[0]], "sq_final": [sq[1]], "elements": [int(x.size)]})
+
+
+class Reconstruct(QuantizerActor):
+    """SID rows -> ``item_id, recon`` for the gallery items (all, or ``keep`` ids plus
+    a hash sample of ``fraction`` of the others)."""
+
+    def __init__(self, model_dir: str, cpus: float, sid_levels: int, keep: np.ndarray | None,
+                 fraction: float, seed: int):
+        super().__init__(model_dir, cpus)
+        self.sid_levels, self.keep, self.fraction, self.seed = sid_levels, keep, fraction, seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch["item_id"].to_numpy().astype(np.int64)
+        sel = np.ones(len(ids), dtype=bool)
+        if self.keep is not None:
+            sel = np.isin(ids, self.keep) | (hash_unit(ids, self.seed) < self.fraction)
+        sid = list_codes(batch["sid"], self.sid_levels)[sel][:, :len(self.sizes)]
+        recon = self.quantizer.decode(sid)
+        return pa.table({"item_id": ids[sel], "recon": embedding_array(recon)})
+
+
+def hash_unit(ids: np.ndarray, seed: int) -> np.ndarray:
+    """Seeded splitmix64 of int64 ids -> uniform floats in [0, 1) (sampling by id)."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _sessions(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """Sequences -> sampled sessions: ``history`` (all but the last item), ``target``."""
+    users = batch["user_id"].to_numpy().astype(np.int64)
+    seqs = batch["item_ids"].combine_chunks() if isinstance(batch["item_ids"], pa.ChunkedArray) \
+        else batch["item_ids"]
+    lens = np.asarray(seqs.value_lengths().fill_null(0))
+    keep = (lens > 0) & (hash_unit(users, seed) < fraction)
+    seqs = seqs.filter(pa.array(keep))
+    offsets = seqs.offsets.to_numpy().astype(np.int64)
+    values = seqs.values.to_numpy(zero_copy_only=False).astype(np.int64)[offsets[0]:offsets[-1]]
+    offsets = offsets - offsets[0]
+    last = offsets[1:] - 1
+    mask = np.ones(values.size, dtype=bool)
+    mask[last] = False
+    hist_offsets = (offsets - np.arange(offsets.size)).astype(np.int32)
+    return pa.table({"history": pa.ListArray.from_arrays(pa.array(hist_offsets), pa.array(values[mask])),
+                     "target": values[last]})
+
+
+def _explode(batch: pa.Table) -> pa.Table:
+    seqs = batch["item_ids"].combine_chunks() if isinstance(batch["item_ids"], pa.ChunkedArray) \
+        else batch["item_ids"]
+    lens = np.asarray(seqs.value_lengths().fill_null(0))
+    return pa.table({"user_id": np.repeat(batch["user_id"].to_numpy(), lens),
+                     "item_id": seqs.flatten().to_numpy(zero_copy_only=False).astype(np.int64)})
+
+
+def _collect(ds: ray.data.Dataset) -> pa.Table | None:
+    tables = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    return pa.concat_tables(tables) if tables else None
+
+
+def _data_metrics(sids_dir, sid_table, manifest: dict, dataset, cfg: SidMetricsStageConfig,
+                  parts: int) -> dict:
+    """Reconstruction MSE, sequence coverage and Embedding HitRate (needs the dataset)."""
+    q, _ = load_model(manifest["model"])
+    dmeta = dataset_manifest(dataset)
+    dim, ddim = quantizer_dim(q), int(dmeta.get("embedding_dim") or 0)
+    if dim != ddim:
+        raise InputError(dataset, f"embeddings are {ddim}-d but the SIDs' quantizer "
+                                  f"{manifest['model']} expects {dim}-d")
+    pool, sid_levels = cfg.pool, len(manifest["sizes"])
+    actor_args = {"model_dir": manifest["model"], "cpus": pool.cpus_per_actor, "sid_levels": sid_levels}
+    joined = read_items(dataset, columns=["item_id", "embedding"]).join(
+        sid_table, "full_outer", num_partitions=parts, on=("item_id",))
+    partial = _collect(joined.map_batches(ReconStats, fn_constructor_kwargs=actor_args,
+                                          **pool.map_args()))
+    tot = {c: sum(partial[c].to_pylist()) for c in ("items", "missing", "unknown_sids",
+                                                     "sq_raw", "sq_final", "elements")}
+    if tot["missing"]:
+        example = next(i for i in partial["missing_example"].to_pylist() if i >= 0)
+        raise InputError(sids_dir, f"{tot['missing']} items of {dataset} have no SID "
+                                   f"(e.g. item {example}): assign SIDs to this dataset first")
+    out = {"reconstruction_mse": tot["sq_final"] / tot["elements"] if tot["elements"] else None,
+           "reconstruction_mse_raw": tot["sq_raw"] / tot["elements"] if tot["elements"] else None,
+           "sids_of_unknown_items": tot["unknown_sids"]}
+    if not (Path(dataset) / "sequences").is_dir():
+        out["embedding_hitrate"] = None
+        return out
+    seqs = read_sequences(dataset, columns=["user_id", "item_ids"])
+    n_seq = seqs.count()
+    unknown = (seqs.map_batches(_explode, batch_format="pyarrow")
+               .join(sid_table.select_columns(["item_id"]), "left_anti", num_partitions=parts,
+                     on=("item_id",))
+               .groupby("user_id", num_partitions=parts).count()
+               .aggregate(Count(), Sum("count()")))
+    out["sequences"] = {"sequences": n_seq, "with_unknown_items": int(unknown["count()"] or 0),
+                        "unknown_item_refs": int(unknown["sum(count())"] or 0)}
+    hr = cfg.hitrate
+    fraction = 1.0 if hr.max_sessions is None else min(1.0, hr.max_sessions / max(n_seq, 1))
+    sessions = _collect(seqs.map_batches(_sessions, batch_format="pyarrow",
+                                         fn_kwargs={"fraction": fraction, "seed": hr.seed}))
+    if sessions is None or sessions.num_rows == 0:
+        out["embedding_hitrate"] = None
+        return out
+    keep, distract = None, 1.0
+    if hr.gallery_size is not None:
+        hist = sessions["history"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        keep = np.unique(np.r_[hist, sessions["target"].to_numpy()]).astype(np.int64)
+        n_items = manifest["counts"]["items"]
+        distract = max(hr.gallery_size - keep.size, 0) / max(n_items - keep.size, 1)
+    gallery = _collect(sid_table.map_batches(
+        Reconstruct, fn_constructor_kwargs={**actor_args, "keep": keep, "fraction": distract,
+                                            "seed": hr.seed + 1}, **pool.map_args()))
+    result = embedding_hitrate(gallery["item_id"].to_numpy(), embeddings_to_numpy(gallery["recon"]),
+                               sessions["history"], sessions["target"].to_numpy(),
+                               dataclasses.replace(hr, max_sessions=None, gallery_size=None))
+    out["embedding_hitrate"] = {**result, "max_sessions": hr.max_sessions,
+                                "gallery_size": hr.gallery_size}
+    return out
+
+
+def sid_metrics(sids_dir: str | os.PathLike, out: str | os.PathLike,
+                dataset: str | os.PathLike | None = None, cfg: SidMetricsStageConfig | None = None,
+                overwrite: bool = False) -> dict:
+    """Compute SID metrics of ``sids_dir`` (plus reconstruction and HitRate with
+    ``dataset``); write ``out/metrics.json``, PNG plots and a manifest. Returns the
+    metrics. Needs a Ray connection."""
+    cfg = cfg or SidMetricsStageConfig()
+    manifest = read_manifest(sids_dir, SIDS_KIND)
+    sizes, code_sizes = list(manifest["sizes"]), list(manifest["code_sizes"])
+    suffix = len(sizes) == len(code_sizes) + 1
+    table = read_sid_table(sids_dir)
+    parts = partitions_for(manifest["counts"]["items"], cfg.partitions)
+    with atomic_dir(out, overwrite) as tmp:
+        try:
+            counts = key_counts(table, code_sizes, suffix, parts)
+            if counts.hist[0].size > 2:
+                raise InputError(sids_dir, "SID table names some item more than once")
+            raw = {**histogram_quality(counts.hist[1]), **level_quality(counts.levels[1])}
+            final = {**histogram_quality(counts.hist[2]), **level_quality(counts.levels[2])}
+            metrics = {
+                "items": final["items"], "sids": final["sids"],
+                "collision_rate": raw["collision_rate"],
+                **{k: final[k] for k in ("unique_sid_ratio", "max_items_per_sid", "gini",
+                                         "utilization", "perplexity")},
+                "strategy": manifest["strategy"], "sizes": sizes, "raw": raw, "final": final}
+            if dataset is not None:
+                metrics.update(_data_metrics(sids_dir, table, manifest, dataset, cfg, parts))
+        except Exception as e:  # surface our own one-line errors raised inside Ray tasks
+            err = user_error(e)
+            if err is not None:
+                raise err from None
+            raise
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        for name, hist, title in (("sid_distribution.png", counts.hist[2], "final SIDs"),
+                                  ("sid_distribution_raw.png", counts.hist[1], "raw codes")):
+            per_sid, sampled = expand_hist(hist, cfg.max_plot_sids, cfg.hitrate.seed)
+            plot_sid_distribution(per_sid, tmp / name, title=f"Items per SID ({title}"
+                                  + (f", sample of {cfg.max_plot_sids:,} SIDs)" if sampled else ")"))
+        plot_code_usage(counts.levels[2], tmp / "code_usage.png")
+        write_manifest(tmp, "sid_metrics", sids=os.fspath(Path(sids_dir).resolve()),
+                       dataset=None if dataset is None else os.fspath(Path(dataset).resolve()),
+                       config=to_dict(cfg), files=["metrics.json", "sid_distribution.png",
+                                                   "sid_distribution_raw.png", "code_usage.png"])
+    return metrics
