@@ -1,0 +1,32 @@
+"""``forge-ray eval-gr``: Recall/NDCG/HR@K of a trained GR model with constrained beam search."""
+
+from __future__ import annotations
+
+import argparse
+
+from forge_ray.commands import add_common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="MODEL_DIR from `forge-ray train-gr`")
+    parser.add_argument("--data", required=True, help="canonical dataset folder (sequences table)")
+    parser.add_argument("--sids", required=True, help="SIDS_DIR the model was trained on")
+    parser.add_argument("--out", required=True, help="folder for metrics.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_common(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from forge_ray.config import load_config
+    from forge_ray.distributed.evaluate import EvalGRConfig, evaluate
+    from forge_ray.distributed.session import ray_session
+
+    cfg = load_config(EvalGRConfig, args.config, args.overrides)
+    with ray_session(args.address):
+        m = evaluate(cfg, args.model, args.data, args.sids, args.out, overwrite=args.overwrite)
+    shown = {k: round(v, 4) for k, v in m.items() if "@" in k}
+    print(f"{m['num_queries']:,} queries, invalid_rate {m['invalid_rate']:.4f}: {shown}")
+    if "popularity" in m:
+        print(f"popularity baseline: { {k: round(v, 4) for k, v in m['popularity'].items()} }")
+    print(f"-> {args.out}/metrics.json")
+    return 0

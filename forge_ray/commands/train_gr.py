@@ -1,0 +1,30 @@
+"""``forge-ray train-gr``: train a generative-retrieval model on SID sequences (Ray Train + DeepSpeed)."""
+
+from __future__ import annotations
+
+import argparse
+
+from forge_ray.commands import add_common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True,
+                        help="canonical dataset folder (sequences table) or an AL-GR training TSV")
+    parser.add_argument("--sids", default=None,
+                        help="SIDS_DIR from `forge-ray assign` (required for a dataset folder)")
+    parser.add_argument("--out", required=True, help="MODEL_DIR to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_common(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from forge_ray.config import load_config
+    from forge_ray.distributed.session import ray_session
+    from forge_ray.distributed.train_gr import TrainGRConfig, train_gr
+
+    cfg = load_config(TrainGRConfig, args.config, args.overrides)
+    with ray_session(args.address):
+        manifest = train_gr(cfg, args.data, args.sids, args.out, overwrite=args.overwrite)
+    print(f"trained {manifest['arch']} for {manifest['steps']} steps on "
+          f"{manifest['counts']['examples']:,} examples; best {manifest['best']} -> {args.out}")
+    return 0

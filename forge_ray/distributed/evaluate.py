@@ -1,0 +1,192 @@
+"""``forge-ray eval-gr``: constrained beam search over the test split, in Ray Data actors.
+
+Each actor (a small callable class, fractional CPUs, ``ActorPoolStrategy``) loads the
+saved model and the SID trie once, decodes batches of queries with
+:func:`~forge_ray.core.gr.decoding.generate_sids`, and returns the summed metric
+state of each batch (:class:`~forge_ray.core.gr.metrics.RetrievalMetrics`); the
+driver merges the sums, so the result is the mean over every query, the same as a
+single-process run up to float summation order.
+
+The most-popular baseline is scored on the same queries: item counts over each
+user's training part (all but the last two items of the raw sequence) come from a
+distributed ``groupby(item_id).count()`` and a distributed sort; only the top
+``max_k`` rows reach the driver.
+
+Cut-offs: an item list holds the items of the ``num_beams`` returned SIDs in beam
+order, so Recall/HR@K for K above that many items counts the missing ranks as
+misses (set ``num_beams`` >= the largest K for FORGE's HR@1000; every SID holds at
+least one item). Memory per actor: the model, the trie (8 x (L + 1) bytes per item)
+and one batch's (batch x beams, vocab) logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+
+from forge_ray.config import require, to_dict
+from forge_ray.core.gr.data import ItemSIDTable
+from forge_ray.core.gr.metrics import RetrievalMetrics
+from forge_ray.core.gr.popularity import PopularityCounter
+from forge_ray.core.gr.trie import SIDTrie
+from forge_ray.core.gr.vocab import SIDVocab
+from forge_ray.distributed import gr_data
+from forge_ray.distributed.dataset import read_sequences
+from forge_ray.errors import InputError
+from forge_ray.io import atomic_dir, read_manifest, write_manifest
+
+EVAL_KIND = "gr_eval"
+
+
+@dataclass
+class EvalGRConfig:
+    """What ``forge-ray eval-gr`` scores and how it spreads the work.
+
+    batch_size: queries per decode call (one actor's batch).
+    actors / cpus_per_actor / gpus_per_actor: the decoding pool (keep CPUs fractional:
+        1-CPU actors can starve Ray Data's read tasks on small machines).
+    max_queries: score only the first N queries (0 = all).
+    """
+
+    data: gr_data.GRDataConfig = field(default_factory=gr_data.GRDataConfig)
+    split: Literal["test", "valid"] = "test"
+    num_beams: int = 20
+    batch_size: int = 64
+    recall_ks: tuple[int, ...] = (5, 10)
+    ndcg_ks: tuple[int, ...] = (5, 10)
+    hr_ks: tuple[int, ...] = ()
+    actors: int = 2
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+    popularity: bool = True
+    max_queries: int = 0
+
+    def __post_init__(self):
+        require(self.num_beams >= 1 and self.batch_size >= 1, "num_beams and batch_size must be >= 1")
+        require(all(k >= 1 for k in (*self.recall_ks, *self.ndcg_ks, *self.hr_ks)), "cut-offs must be >= 1")
+        require(self.actors >= 1 and self.cpus_per_actor > 0 and self.gpus_per_actor >= 0,
+                "actors >= 1, cpus_per_actor > 0, gpus_per_actor >= 0")
+        require(self.max_queries >= 0, "max_queries must be >= 0")
+
+    def accumulator(self) -> RetrievalMetrics:
+        return RetrievalMetrics(tuple(self.recall_ks), tuple(self.ndcg_ks), tuple(self.hr_ks))
+
+
+def _state(m: RetrievalMetrics) -> str:
+    return json.dumps({"sums": m.sums, "queries": m.queries, "generated": m.generated, "invalid": m.invalid})
+
+
+def _from_state(text: str, cfg: EvalGRConfig) -> RetrievalMetrics:
+    s = json.loads(text)
+    return RetrievalMetrics(tuple(cfg.recall_ks), tuple(cfg.ndcg_ks), tuple(cfg.hr_ks),
+                            s["sums"], s["queries"], s["generated"], s["invalid"])
+
+
+class _Decoder:
+    """Ray Data actor: the model and trie are loaded once; each batch -> metric sums."""
+
+    def __init__(self, model_dir: str, trie_ref: list, popular: np.ndarray | None, cfg: dict):
+        import torch
+
+        from forge_ray.core.gr.models import load_model
+
+        self.cfg = EvalGRConfig(**{**cfg, "data": gr_data.GRDataConfig(**cfg["data"])})
+        self.model, self.vocab = load_model(model_dir)
+        if self.cfg.gpus_per_actor > 0 and torch.cuda.is_available():
+            self.model = self.model.cuda()
+        self.model.eval()
+        self.trie = ray.get(trie_ref[0])
+        self.popular = popular
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from forge_ray.core.gr.decoding import generate_sids
+
+        prompts = [np.array(x, dtype=np.int64) for x in batch["input_ids"]]  # batches are read-only
+        truths = [np.asarray([t]) for t in batch["target_item"].tolist()]
+        gr = self.cfg.accumulator()
+        beams = generate_sids(self.model, self.vocab, self.trie, prompts, num_beams=self.cfg.num_beams)
+        gr.update_from_beams(beams, self.trie, truths)
+        pop = self.cfg.accumulator()
+        if self.popular is not None:
+            pop.update(np.broadcast_to(self.popular, (len(truths), len(self.popular))), truths)
+        return pa.table({"gr": [_state(gr)], "pop": [_state(pop)]})
+
+
+def _training_items(batch: pa.Table) -> pa.Table:
+    """Each sequence's training part (all but the last two items) as item rows."""
+    seqs = batch["item_ids"].to_pylist()
+    parts = [s[: max(len(s) - 2, 0)] for s in seqs if s]
+    flat = np.concatenate([np.asarray(p, np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+    return pa.table({"item_id": flat})
+
+
+def popular_items(dataset: str | os.PathLike, k: int) -> np.ndarray:
+    """(k,) most interacted item ids of the training parts, ties by ascending id
+    (:class:`PopularityCounter` order), -1 padded; counted with a distributed groupby."""
+    counts = read_sequences(dataset, columns=["item_ids"]).map_batches(
+        _training_items, batch_format="pyarrow").groupby("item_id").count()
+    top = counts.sort(["count()", "item_id"], descending=[True, False]).take(k)
+    counter = PopularityCounter(np.asarray([r["item_id"] for r in top], np.int64),
+                                np.asarray([r["count()"] for r in top], np.int64))
+    return counter.top(k)
+
+
+def check_vocab(model_dir: str | os.PathLike, sids: str | os.PathLike) -> SIDVocab:
+    """The model's vocabulary, refused unless it matches the SID table's sizes."""
+    read_manifest(model_dir, "gr_model")
+    vocab = SIDVocab.load(model_dir)
+    sizes = gr_data.sid_sizes(sids)
+    if tuple(vocab.sizes) != tuple(sizes):
+        raise InputError(model_dir, f"model vocabulary has codebook sizes {list(vocab.sizes)} but the "
+                                    f"SID table {os.fspath(sids)} has {list(sizes)}: train on this table")
+    return vocab
+
+
+def evaluate(cfg: EvalGRConfig, model_dir: str | os.PathLike, data: str | os.PathLike,
+             sids: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Score a trained model; writes ``out/metrics.json`` + manifest, returns the metrics."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(out, "output already exists (pass --overwrite to replace it)")
+    vocab = check_vocab(model_dir, sids)
+    item_ids, codes = gr_data.load_sid_arrays(sids)
+    trie = SIDTrie(codes, item_ids, vocab.sizes)
+    table = ItemSIDTable(item_ids, codes) if gr_data.use_broadcast(sids, cfg.data) else None
+    del item_ids, codes
+    examples = gr_data.sequence_examples(data, sids, vocab, cfg.split, cfg.data, table=table)
+    counts = gr_data.count_examples(data, sids, vocab, cfg.split, cfg.data, table=table)
+    if counts.examples == 0:
+        raise InputError(data, f"no {cfg.split} examples (sequences: {counts.sequences}, "
+                               f"too short: {counts.too_short})")
+    if cfg.max_queries:
+        examples = examples.limit(cfg.max_queries)
+    max_k = cfg.accumulator().max_k
+    popular = popular_items(data, max_k) if cfg.popularity else None
+    states = examples.select_columns(["input_ids", "target_item"]).map_batches(
+        _Decoder, batch_size=cfg.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model_dir": os.fspath(Path(model_dir).resolve()),
+                               "trie_ref": [ray.put(trie)], "popular": popular, "cfg": to_dict(cfg)},
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
+    gr, pop = cfg.accumulator(), cfg.accumulator()
+    for batch in states.iter_batches(batch_format="numpy", batch_size=None):
+        for g, p in zip(batch["gr"], batch["pop"]):
+            gr, pop = gr.merge(_from_state(g, cfg)), pop.merge(_from_state(p, cfg))
+    metrics = {**gr.result(), "invalid_rate": gr.invalid / max(gr.generated, 1),
+               "num_queries": gr.queries, "num_beams": cfg.num_beams, "split": cfg.split,
+               "examples": asdict(counts)}
+    if cfg.popularity:
+        metrics["popularity"] = {k: v for k, v in pop.result().items() if "@" in k}
+    with atomic_dir(out, overwrite) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_manifest(tmp, EVAL_KIND, model=os.path.abspath(model_dir), data=os.path.abspath(data),
+                       sids=os.path.abspath(sids), config=to_dict(cfg), metrics=metrics)
+    return metrics

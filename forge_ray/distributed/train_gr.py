@@ -1,0 +1,367 @@
+"""``forge-ray train-gr``: a GR model (T5 / Qwen2) on SID sequences, Ray Train + DeepSpeed.
+
+Driver: builds the streaming example datasets (:mod:`forge_ray.distributed.gr_data`),
+counts them, takes a small validation sample, and runs :func:`_worker` on
+``scale.num_workers`` Ray Train workers (gloo on CPU, NCCL on GPU). Each worker streams
+its shard with ``get_dataset_shard("train")``, trains through DeepSpeed (ZeRO-1/2 JSON
+from ``cluster/deepspeed/``) with linear warm-up + cosine decay, all-reduces the loss
+(a NaN on any rank stops the run with the last good checkpoint kept), and checkpoints
+every ``scale.checkpoint_every`` optimizer steps. Every ``train.eval_every`` steps rank
+0 scores the validation sample (loss, and Recall/NDCG@K with constrained beam search
+when ``train.valid_beams > 0``) and broadcasts the early-stopping decision.
+
+Checkpoints carry the step, the epoch position, the metric history and the best
+weights so far (rank 0's client state), so a re-run with the same run storage and name
+resumes the step count and early-stopping state. The driver writes MODEL_DIR from the
+final checkpoint: the best weights (``save_pretrained``) + SID vocabulary/tokenizer,
+``metrics.json``, ``history.jsonl``, ``curves.png`` and a ``gr_model`` manifest that
+references the SID table the model was trained on.
+
+Memory: a worker holds its model, optimizer shard and one shuffle buffer of examples;
+rank 0 also holds the validation trie (8 x (L + 1) bytes per item) when beams are on.
+ZeRO-3 is not supported (rank 0 validates with the full local weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from forge_ray.config import ScaleConfig, require, to_dict
+from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable
+from forge_ray.core.gr.models import GRModelConfig, build_model, count_parameters, save_model
+from forge_ray.core.gr.vocab import SIDVocab
+from forge_ray.distributed.gr_data import GRDataConfig
+from forge_ray.errors import InputError
+
+MODEL_KIND = "gr_model"
+
+
+@dataclass
+class GROptimConfig:
+    """Optimisation, validation and early stopping.
+
+    micro_batch: examples per worker per forward pass; global batch =
+        micro_batch x grad_accum x num_workers.
+    max_steps: optimizer steps cap (0 = ``epochs`` full passes).
+    eval_every: optimizer steps between validations (also run at the end).
+    valid_samples / valid_beams: validation examples scored on rank 0; beams = 0
+        scores validation loss only (no trie needed).
+    early_stop_metric: ``valid_loss`` (lower is better) or a ``recall@K`` / ``ndcg@K``.
+    patience: validations without improvement before stopping (0 = never stop early).
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    micro_batch: int = 64
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0
+    warmup_steps: int = 100
+    eval_every: int = 500
+    valid_samples: int = 512
+    valid_beams: int = 20
+    valid_ks: tuple[int, ...] = (5, 10)
+    early_stop_metric: str = "recall@10"
+    patience: int = 5
+    log_every: int = 20
+    shuffle_buffer: int = 4096
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.lr > 0 and self.weight_decay >= 0, "train.lr must be > 0 and weight_decay >= 0")
+        require(self.micro_batch >= 1 and self.grad_accum >= 1, "train.micro_batch/grad_accum must be >= 1")
+        require(self.epochs >= 1 and self.max_steps >= 0, "train.epochs must be >= 1, max_steps >= 0")
+        require(self.warmup_steps >= 0 and self.eval_every >= 1 and self.log_every >= 1,
+                "train.warmup_steps >= 0, eval_every/log_every >= 1")
+        require(self.valid_samples >= 1 and self.valid_beams >= 0, "train.valid_samples >= 1, valid_beams >= 0")
+        require(bool(self.valid_ks) and min(self.valid_ks) >= 1, "train.valid_ks must be positive")
+        allowed = {"valid_loss"} | {f"{m}@{k}" for m in ("recall", "ndcg") for k in self.valid_ks}
+        require(self.early_stop_metric in allowed,
+                f"train.early_stop_metric must be one of {sorted(allowed)}")
+        require(self.early_stop_metric == "valid_loss" or self.valid_beams > 0,
+                "train.early_stop_metric needs train.valid_beams > 0 unless it is valid_loss")
+        require(self.patience >= 0 and self.shuffle_buffer >= 0, "train.patience/shuffle_buffer must be >= 0")
+
+
+@dataclass
+class GRRunConfig:
+    """Where Ray Train keeps checkpoints; the same storage + name resumes a run.
+
+    storage_path: default ``<MODEL_DIR>.runs`` next to the output.
+    """
+
+    storage_path: str | None = None
+    name: str = "train_gr"
+
+
+@dataclass
+class TrainGRConfig:
+    """Everything ``forge-ray train-gr`` reads (see configs/*/train_gr.yaml)."""
+
+    model: GRModelConfig = field(default_factory=GRModelConfig)
+    data: GRDataConfig = field(default_factory=GRDataConfig)
+    train: GROptimConfig = field(default_factory=GROptimConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    run: GRRunConfig = field(default_factory=GRRunConfig)
+
+
+# ---- the worker -------------------------------------------------------------------
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _worker(cfg: dict) -> None:
+    """Ray Train worker: everything comes through ``cfg`` (no globals)."""
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from forge_ray.core.gr.data import collate_causal, collate_seq2seq
+    from forge_ray.distributed.train_common import RunReporter, init_deepspeed
+
+    t = cfg["train"]
+    torch.manual_seed(t["seed"])
+    vocab = SIDVocab(tuple(cfg["sizes"]))
+    model_cfg = GRModelConfig(**cfg["model"])
+    model = build_model(model_cfg, vocab)
+    total = cfg["total_steps"]
+    engine = init_deepspeed(model, cfg["ds_config"],
+                            lambda s: _lr_factor(s, t["warmup_steps"], total))
+    reporter = RunReporter(cfg["run_dir"], cfg["fingerprint"])
+    state = reporter.restore(engine)
+    rank = reporter.rank
+    step = int(engine.global_steps)
+    epoch, done_in_epoch = state.get("epoch", 0), state.get("micro_in_epoch", 0)
+    history, best = state.get("history", []), state.get("best")
+    bad, best_state = state.get("bad_evals", 0), state.get("best_state")
+    valid, trie = (ray.get(cfg["valid_ref"]), ray.get(cfg["trie_ref"])) if rank == 0 else (None, None)
+    collate = collate_seq2seq if model_cfg.arch == "t5" else collate_causal
+    shard = ray.train.get_dataset_shard("train")
+    higher = t["early_stop_metric"] != "valid_loss"
+    tokens, t0, stop = 0.0, time.perf_counter(), False
+
+    def checkpoint(metrics: dict, finished: bool = False) -> None:
+        client = {"epoch": epoch, "micro_in_epoch": micro, "history": history, "best": best,
+                  "bad_evals": bad, "best_state": best_state, "finished": finished}
+        reporter.report({"step": step, **metrics}, engine=engine, client_state=client if rank == 0 else {})
+
+    micro = done_in_epoch
+    while epoch < t["epochs"] and step < total and not stop:
+        batches = shard.iter_batches(batch_size=t["micro_batch"], batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=t["shuffle_buffer"] or None,
+                                     local_shuffle_seed=t["seed"] + epoch)
+        for i, batch in enumerate(batches):
+            if i < done_in_epoch:  # resumed mid-epoch: skip what was trained on
+                continue
+            # batches are read-only views: copy rows before torch takes them
+            b = collate([np.array(x) for x in batch["input_ids"]], list(batch["labels"]), vocab)
+            loss = engine(**b).loss
+            engine.backward(loss)
+            engine.step()
+            micro = i + 1
+            stats = torch.tensor([loss.detach().float().item(), float(b["attention_mask"].sum())])
+            dist.all_reduce(stats)
+            tokens += float(stats[1])
+            if not math.isfinite(float(stats[0])):
+                ray.train.report({"nan_step": step + 1})  # no checkpoint: the last good one stays
+                reporter.close()
+                return
+            if int(engine.global_steps) == step:
+                continue  # inside a gradient accumulation window
+            step = int(engine.global_steps)
+            if step % t["log_every"] == 0 and rank == 0:
+                rate = tokens / (time.perf_counter() - t0)
+                row = {"train/loss": float(stats[0]) / dist.get_world_size(),
+                       "train/lr": engine.get_lr()[0], "train/tokens_per_s": rate}
+                reporter.log(row, step)
+                print(f"[train-gr] step {step}/{total} epoch {epoch} loss {row['train/loss']:.4f} "
+                      f"{rate:,.0f} tok/s", flush=True)
+            if step % t["eval_every"] == 0 or step >= total:
+                decision = [None]
+                if rank == 0:
+                    metrics = _validate(engine.module, vocab, trie, valid, t)
+                    value = metrics[t["early_stop_metric"]]
+                    improved = best is None or (value > best if higher else value < best)
+                    if improved:
+                        best, bad = value, 0
+                        best_state = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+                    else:
+                        bad += 1
+                    history.append({"step": step, **metrics})
+                    reporter.log({f"valid/{k}": v for k, v in metrics.items()}, step)
+                    print(f"[train-gr] step {step} validation {json.dumps(metrics)}", flush=True)
+                    decision = [t["patience"] > 0 and bad >= t["patience"]]
+                dist.broadcast_object_list(decision, src=0)
+                stop = bool(decision[0])
+            if stop or step >= total:
+                break
+            if step % cfg["checkpoint_every"] == 0:
+                checkpoint({})
+        else:  # the epoch ran out (no break): the next one starts from its beginning
+            epoch, done_in_epoch, micro = epoch + 1, 0, 0
+    checkpoint({"best": best, "stopped_early": stop}, finished=True)
+    reporter.close()
+
+
+def _validate(model, vocab: SIDVocab, trie, valid: dict, t: dict) -> dict[str, float]:
+    """Rank 0: validation loss and (beams > 0) constrained-beam Recall/NDCG@K."""
+    import torch
+
+    from forge_ray.core.gr.data import collate_causal, collate_seq2seq
+    from forge_ray.core.gr.decoding import generate_sids
+    from forge_ray.core.gr.metrics import RetrievalMetrics
+
+    was_training = model.training
+    model.eval()
+    collate = collate_seq2seq if model.config.is_encoder_decoder else collate_causal
+    n, loss_sum = len(valid["input_ids"]), 0.0
+    acc = RetrievalMetrics(recall_ks=tuple(t["valid_ks"]), ndcg_ks=tuple(t["valid_ks"]))
+    chunk = max(1, t["micro_batch"])
+    with torch.no_grad():
+        for s in range(0, n, chunk):
+            ids, labels = valid["input_ids"][s: s + chunk], valid["labels"][s: s + chunk]
+            loss_sum += float(model(**collate(ids, labels, vocab)).loss) * len(ids)
+            if t["valid_beams"] > 0:
+                beams = generate_sids(model, vocab, trie, ids, num_beams=t["valid_beams"])
+                acc.update_from_beams(beams, trie, [np.asarray([x]) for x in valid["target_item"][s: s + chunk]])
+    model.train(was_training)
+    out = {"valid_loss": loss_sum / max(n, 1)}
+    if t["valid_beams"] > 0:
+        out.update({k: v for k, v in acc.result().items() if "@" in k})
+    return out
+
+
+# ---- the driver -------------------------------------------------------------------
+def _example_inputs(cfg: TrainGRConfig, data: str, sids: str | None):
+    """(vocab, train dataset, valid rows, counts, trie or None, SID table reference)."""
+    from forge_ray.core.gr.trie import SIDTrie
+    from forge_ray.distributed import gr_data
+
+    t = cfg.train
+    if gr_data.is_algr(data):
+        sizes = gr_data.sid_sizes(sids) if sids else tuple(cfg.data.algr_sizes)
+        vocab = SIDVocab(sizes)
+        train = gr_data.algr_examples(data, vocab, valid_every=50, part="train")
+        valid = gr_data.algr_examples(data, vocab, valid_every=50, part="valid").take(t.valid_samples)
+        if t.valid_beams > 0:
+            raise InputError(data, "AL-GR training input has no item table for beam validation; "
+                                   "set train.valid_beams=0 and train.early_stop_metric=valid_loss")
+        counts = ExampleCounts(examples=train.count())
+        return vocab, train, valid, counts, None
+    if sids is None:
+        raise InputError(data, "a canonical dataset needs --sids SIDS_DIR")
+    vocab = SIDVocab(gr_data.sid_sizes(sids))
+    item_ids, codes = gr_data.load_sid_arrays(sids) if (
+        t.valid_beams > 0 or gr_data.use_broadcast(sids, cfg.data)) else (None, None)
+    table = ItemSIDTable(item_ids, codes) if gr_data.use_broadcast(sids, cfg.data) else None
+    trie = SIDTrie(codes, item_ids, vocab.sizes) if t.valid_beams > 0 else None
+    train = gr_data.sequence_examples(data, sids, vocab, "train", cfg.data, table=table)
+    counts = gr_data.count_examples(data, sids, vocab, "train", cfg.data, table=table)
+    valid = gr_data.sequence_examples(data, sids, vocab, "valid", cfg.data, table=table).take(t.valid_samples)
+    return vocab, train, valid, counts, trie
+
+
+def _final_state(result) -> dict:
+    """Client state of the run's final checkpoint (written by rank 0, our own file)."""
+    import torch
+
+    if result.checkpoint is None:
+        raise InputError(None, "training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        tag = (Path(folder) / "latest").read_text().strip()
+        # Our own DeepSpeed checkpoint (not a user file): DeepSpeed stores it pickled.
+        return torch.load(Path(folder) / tag / "mp_rank_00_model_states.pt",
+                          map_location="cpu", weights_only=False)
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for h in history for k in h if k != "step"})
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_title(key)
+        ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLike | None,
+             out: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Train and write MODEL_DIR; returns its manifest. Needs a Ray connection."""
+    import ray
+
+    from forge_ray.distributed.train_common import TrainingError, deepspeed_config, fingerprint, fit
+    from forge_ray.io import atomic_dir, write_manifest
+
+    out, data = Path(out), os.fspath(data)
+    sids = None if sids is None else os.fspath(sids)
+    if out.exists() and not overwrite:
+        raise InputError(out, "output already exists (pass --overwrite to replace it)")
+    t, scale = cfg.train, cfg.scale
+    vocab, train_ds, valid_rows, counts, trie = _example_inputs(cfg, data, sids)
+    world = scale.num_workers
+    per_step = t.micro_batch * t.grad_accum * world
+    if counts.examples < per_step:
+        raise InputError(data, f"{counts.examples} training examples, fewer than one global batch "
+                               f"({per_step}); lower train.micro_batch or scale.num_workers")
+    total = (counts.examples // per_step) * t.epochs
+    total = min(total, t.max_steps) if t.max_steps else total
+    valid = {"input_ids": [np.asarray(r["input_ids"], np.int64) for r in valid_rows],
+             "labels": [np.asarray(r["labels"], np.int64) for r in valid_rows],
+             "target_item": [int(r["target_item"]) for r in valid_rows]}
+    if not valid["input_ids"]:
+        raise InputError(data, "no validation examples (every sequence is too short)")
+    storage = Path(cfg.run.storage_path or f"{out}.runs")
+    shape = {"model": to_dict(cfg.model), "sizes": list(vocab.sizes), "data": to_dict(cfg.data),
+             "train": {k: v for k, v in to_dict(t).items() if k in ("micro_batch", "grad_accum", "seed")},
+             "world": world}
+    loop = {"train": to_dict(t), "model": to_dict(cfg.model), "sizes": list(vocab.sizes),
+            "total_steps": total, "checkpoint_every": scale.checkpoint_every,
+            "ds_config": deepspeed_config(scale.deepspeed_config, micro_batch=t.micro_batch,
+                                          grad_accum=t.grad_accum, world_size=world, lr=t.lr,
+                                          weight_decay=t.weight_decay, use_gpu=scale.use_gpu),
+            "run_dir": os.fspath((storage / cfg.run.name / "logs").resolve()),
+            "fingerprint": fingerprint(shape), "valid_ref": ray.put(valid), "trie_ref": ray.put(trie)}
+    print(f"[train-gr] {counts.examples:,} training examples, {total} optimizer steps of {per_step}, "
+          f"{count_parameters(cfg.model, vocab):,} parameters, {world} workers", flush=True)
+    result = fit(_worker, loop, scale, storage, cfg.run.name,
+                 datasets={"train": train_ds.randomize_block_order(seed=t.seed)})
+    if "nan_step" in (result.metrics or {}):
+        last = result.checkpoint.path if result.checkpoint else "none"
+        raise TrainingError(f"loss became NaN at step {result.metrics['nan_step']}; "
+                            f"last good checkpoint: {last}")
+    state = _final_state(result)
+    model = build_model(cfg.model, vocab)
+    model.load_state_dict(state["best_state"] or state["module"])
+    history = state["history"]
+    with atomic_dir(out, overwrite) as tmp:
+        save_model(model, vocab, tmp)
+        (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        final = {"best": state["best"], "steps": int(state.get("global_steps", total)),
+                 "stopped_early": bool(result.metrics.get("stopped_early")), "last": history[-1] if history else {}}
+        (tmp / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+        if history:
+            _plot(history, tmp / "curves.png")
+        manifest = write_manifest(
+            tmp, MODEL_KIND, arch=cfg.model.arch, sizes=list(vocab.sizes), data=os.path.abspath(data),
+            sids=os.path.abspath(sids) if sids else None, config=to_dict(cfg), counts=counts.__dict__,
+            steps=final["steps"], best={t.early_stop_metric: state["best"]}, run=os.fspath(storage.resolve()))
+    return manifest

@@ -1,0 +1,95 @@
+"""``python -m jobs.beauty_benchmark CONFIG.yaml``: the whole pipeline on Amazon Beauty.
+
+item text -> MiniLM embeddings (``embed``) -> SID quantizer (``train-sid``) -> SIDs
+(``assign``) -> GR model (``train-gr``) -> Recall/NDCG@5/10 full ranking on the last
+item of each user (``eval-gr``), printed next to TIGER's published numbers
+(FORGE.md). Every stage runs through its ``forge-ray`` entry point in this process
+and joins the same Ray cluster; a finished stage's output is reused, so a stopped job
+continues where it was (train-gr also resumes from its Ray Train checkpoint).
+
+CONFIG (configs/amazon/beauty_cpu.yaml, beauty_tiger_gpu.yaml)::
+
+    source: ../shared/data/amazon/Beauty   # user_sequence.txt + item_text.txt
+    work_dir: runs/beauty_cpu
+    stages:                                 # per stage: config file + overrides
+      train_sid: {config: ..., overrides: [...]}
+      assign: ...; train_gr: ...; eval_gr: ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from forge_ray.config import load_config, require
+
+TIGER_BEAUTY = {"recall@5": 0.0454, "ndcg@5": 0.0321, "recall@10": 0.0648, "ndcg@10": 0.0384}
+STAGES = ("train_sid", "assign", "train_gr", "eval_gr")
+
+
+@dataclass
+class StageConfig:
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BeautyJobConfig:
+    source: str = "../shared/data/amazon/Beauty"
+    work_dir: str = "runs/beauty_cpu"
+    embed_batch_size: int = 64
+    embed_actors: int = 1
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = set(self.stages) - set(STAGES)
+        require(not unknown, f"unknown stage(s) {sorted(unknown)}; known: {list(STAGES)}")
+        self.stages = {k: v if isinstance(v, StageConfig) else StageConfig(**v) for k, v in self.stages.items()}
+
+
+def _stage(name: str, args: list[str], output: Path) -> None:
+    from forge_ray.cli import main
+
+    if (output / "manifest.json").is_file():
+        print(f"[beauty] {name}: reusing {output}", flush=True)
+        return
+    t0 = time.perf_counter()
+    code = main([name, *args])
+    if code:
+        raise SystemExit(f"[beauty] {name} failed with exit code {code}")
+    print(f"[beauty] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _with_config(cfg: BeautyJobConfig, stage: str) -> list[str]:
+    s = cfg.stages.get(stage, StageConfig())
+    return ([f"--config={s.config}"] if s.config else []) + list(s.overrides)
+
+
+def run(cfg: BeautyJobConfig) -> dict:
+    work = Path(cfg.work_dir)
+    raw, emb, quant, sids = work / "raw", work / "dataset", work / "quantizer", work / "sids"
+    model, evald = work / "gr_model", work / "eval"
+    _stage("ingest", [cfg.source, "--out", str(raw)], raw)
+    _stage("embed", [str(raw), "--out", str(emb), "--batch-size", str(cfg.embed_batch_size),
+                     "--actors", str(cfg.embed_actors)], emb)
+    _stage("train-sid", [str(emb), "--out", str(quant), *_with_config(cfg, "train_sid")], quant)
+    _stage("assign", ["--model", str(quant), "--data", str(emb), "--out", str(sids),
+                      *_with_config(cfg, "assign")], sids)
+    _stage("train-gr", ["--data", str(emb), "--sids", str(sids), "--out", str(model),
+                        *_with_config(cfg, "train_gr")], model)
+    _stage("eval-gr", ["--model", str(model), "--data", str(emb), "--sids", str(sids),
+                       "--out", str(evald), *_with_config(cfg, "eval_gr")], evald)
+    metrics = json.loads((evald / "metrics.json").read_text())
+    print(f"{'metric':<10} {'forge_ray':>10} {'TIGER':>8} {'popularity':>11}")
+    for key, ref in TIGER_BEAUTY.items():
+        print(f"{key:<10} {metrics[key]:>10.4f} {ref:>8.4f} {metrics['popularity'][key]:>11.4f}")
+    return metrics
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m jobs.beauty_benchmark CONFIG.yaml [key=value ...]")
+    run(load_config(BeautyJobConfig, sys.argv[1], sys.argv[2:]))
