@@ -117,7 +117,8 @@ class _Decoder:
         pop = self.cfg.accumulator()
         if self.popular is not None:
             pop.update(np.broadcast_to(self.popular, (len(truths), len(self.popular))), truths)
-        return pa.table({"gr": [_state(gr)], "pop": [_state(pop)]})
+        # the actor's pid lets the driver report how many decoders shared the work
+        return pa.table({"gr": [_state(gr)], "pop": [_state(pop)], "actor": [os.getpid()]})
 
 
 def _training_items(batch: pa.Table) -> pa.Table:
@@ -170,18 +171,24 @@ def evaluate(cfg: EvalGRConfig, model_dir: str | os.PathLike, data: str | os.Pat
         examples = examples.limit(cfg.max_queries)
     max_k = cfg.accumulator().max_k
     popular = popular_items(data, max_k) if cfg.popularity else None
-    states = examples.select_columns(["input_ids", "target_item"]).map_batches(
+    # Streaming re-blocking into batch-sized blocks: a small test set read from one
+    # file is a single block, which would leave all actors but one idle.
+    examples = examples.select_columns(["input_ids", "target_item"]).repartition(
+        target_num_rows_per_block=cfg.batch_size)
+    states = examples.map_batches(
         _Decoder, batch_size=cfg.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model_dir": os.fspath(Path(model_dir).resolve()),
                                "trie_ref": [ray.put(trie)], "popular": popular, "cfg": to_dict(cfg)},
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
-    gr, pop = cfg.accumulator(), cfg.accumulator()
+    gr, pop, actors = cfg.accumulator(), cfg.accumulator(), set()
     for batch in states.iter_batches(batch_format="numpy", batch_size=None):
         for g, p in zip(batch["gr"], batch["pop"]):
             gr, pop = gr.merge(_from_state(g, cfg)), pop.merge(_from_state(p, cfg))
+        actors.update(batch["actor"].tolist())
     metrics = {**gr.result(), "invalid_rate": gr.invalid / max(gr.generated, 1),
                "num_queries": gr.queries, "num_beams": cfg.num_beams, "split": cfg.split,
+               "decode_actors_used": len(actors),
                "examples": asdict(counts)}
     if cfg.popularity:
         metrics["popularity"] = {k: v for k, v in pop.result().items() if "@" in k}

@@ -311,9 +311,10 @@ def _data_metrics(sids_dir, sid_table, manifest: dict, dataset, cfg: SidMetricsS
                .join(sid_table.select_columns(["item_id"]), "left_anti", num_partitions=parts,
                      on=("item_id",))
                .groupby("user_id", num_partitions=parts).count()
-               .aggregate(Count(), Sum("count()")))
-    out["sequences"] = {"sequences": n_seq, "with_unknown_items": int(unknown["count()"] or 0),
-                        "unknown_item_refs": int(unknown["sum(count())"] or 0)}
+               .aggregate(Count(), Sum("count()"))) or {}  # None when nothing is unknown
+    out["sequences"] = {"sequences": n_seq,
+                        "with_unknown_items": int(unknown.get("count()") or 0),
+                        "unknown_item_refs": int(unknown.get("sum(count())") or 0)}
     hr = cfg.hitrate
     fraction = 1.0 if hr.max_sessions is None else min(1.0, hr.max_sessions / max(n_seq, 1))
     sessions = _collect(seqs.map_batches(_sessions, batch_format="pyarrow",

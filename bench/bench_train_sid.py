@@ -1,0 +1,128 @@
+"""Benchmark of `train-sid` against in-process baselines, measured side by side.
+
+1. RQ-VAE training throughput (samples/s): Ray Train + DeepSpeed with 1 and 2 workers
+   vs the plain single-process torch loop (core ``train_rqvae``) on the same model,
+   batch and data -> framework overhead ratio and 1 -> 2 worker scaling.
+2. RQ-KMeans fit time: distributed (Ray tasks over shards) and in-process (core) vs
+   ``faiss.ResidualQuantizer`` on identical data and sizes (power-of-2 codebooks),
+   with each one's reconstruction MSE.
+
+Usage: python bench/bench_train_sid.py [--items 20000] [--dim 64] [--steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+from forge_ray.config import load_config  # noqa: E402
+from forge_ray.core.quantize.rq_kmeans import RQKMeans, RQKMeansConfig  # noqa: E402
+from forge_ray.core.quantize.rqvae import RQVAE  # noqa: E402
+from forge_ray.core.quantize.train_loop import train_rqvae  # noqa: E402
+from forge_ray.data.schema import ShardWriter, embedding_array, items_schema  # noqa: E402
+from forge_ray.distributed.kmeans_ray import ShardedData  # noqa: E402
+from forge_ray.distributed.session import ray_session  # noqa: E402
+from forge_ray.distributed.sid_outputs import read_jsonl  # noqa: E402
+from forge_ray.distributed.train_quantizer import TrainSidConfig, train_sid  # noqa: E402
+from forge_ray.io import write_manifest  # noqa: E402
+
+
+def make_dataset(folder: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(64, dim)).astype(np.float32) * 2
+    label = rng.integers(0, 64, n)
+    x = (centers[label] + rng.normal(size=(n, dim))).astype(np.float32)
+    schema = items_schema(dim)
+    with ShardWriter(folder / "items", schema, rows_per_shard=max(1, n // 8)) as w:
+        w.write(pa.table({"item_id": np.arange(n, dtype=np.int64),
+                          "embedding": embedding_array(x)}, schema=schema))
+    # No pairs: both paths then run the same reconstruction-only steps.
+    write_manifest(folder, "dataset", counts={"items": n}, embedding_dim=dim,
+                   embedding_dtype="float32")
+    return x
+
+
+def rqvae_bench(ds: Path, x: np.ndarray, work: Path, dim: int, steps: int) -> dict:
+    common = [f"rqvae.in_dim={dim}", "rqvae.hidden_dims=[128]", "rqvae.latent_dim=16",
+              "rqvae.sizes=[64,64,64]", "rqvae.kmeans_init_samples=4096", "train.batch_size=256",
+              "train.pair_batch_size=256", f"train.steps={steps}", "train.log_every=10",
+              "scale.checkpoint_every=1000000", f"storage_path={work / 'runs'}", "torch_threads=1"]
+    out = {}
+    cfg = load_config(TrainSidConfig, "configs/tiny/train_sid.yaml", common)
+    # Baseline: the core single-process loop, same model / batch / steps.
+    torch.set_num_threads(1)
+    model = RQVAE(cfg.rqvae)
+    model.init_codebooks(x[:4096])
+    train_cfg = cfg.train
+    t = time.perf_counter()
+    train_rqvae(model, x, None, None, train_cfg)
+    out["core_loop_samples_per_s"] = steps * train_cfg.batch_size / (time.perf_counter() - t)
+    for workers in (1, 2):
+        cfg = load_config(TrainSidConfig, "configs/tiny/train_sid.yaml",
+                          [*common, f"scale.num_workers={workers}", f"run_name=w{workers}"])
+        t = time.perf_counter()
+        train_sid(ds, work / f"model_w{workers}", cfg)
+        wall = time.perf_counter() - t
+        rows = read_jsonl(work / "runs" / f"w{workers}" / "forge_ray" / "metrics.jsonl")
+        rates = [r["samples_per_s"] for r in rows[1:]]  # skip the first window (warm-up)
+        out[f"ray_{workers}w_samples_per_s"] = float(np.median(rates))
+        out[f"ray_{workers}w_stage_wall_s"] = wall
+    return out
+
+
+def kmeans_bench(ds: Path, x: np.ndarray, dim: int) -> dict:
+    cfg = RQKMeansConfig(sizes=[64, 64, 64], niter=5, init_niter=10, batch_size=8192)
+    out = {}
+    t = time.perf_counter()
+    local = RQKMeans(cfg).fit(x)
+    out["core_in_process_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dist = RQKMeans(cfg).fit_data(ShardedData(ds, len(x), dim, cfg.batch_size))
+    out["sharded_ray_s"] = time.perf_counter() - t
+    rq = faiss.ResidualQuantizer(dim, 3, 6)  # 3 levels x 2^6 = 64 codes
+    rq.train_type = faiss.ResidualQuantizer.Train_default
+    rq.max_beam_size = 1  # greedy residual assignment, like RQ-KMeans
+    t = time.perf_counter()
+    rq.train(x)
+    out["faiss_residual_quantizer_s"] = time.perf_counter() - t
+    mse = lambda xh: float(((xh - x) ** 2).mean())  # noqa: E731
+    out["mse_core"] = mse(local.decode(local.encode(x)))
+    out["mse_sharded"] = mse(dist.decode(dist.encode(x)))
+    out["mse_faiss"] = mse(rq.decode(rq.compute_codes(x)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=20000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    faiss.omp_set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp, ray_session(num_cpus=4):
+        work = Path(tmp)
+        x = make_dataset(work / "ds", args.items, args.dim)
+        res = {"items": args.items, "dim": args.dim, "steps": args.steps}
+        res.update(kmeans_bench(work / "ds", x, args.dim))
+        res.update(rqvae_bench(work / "ds", x, work, args.dim, args.steps))
+    res["ray_1w_over_core"] = res["ray_1w_samples_per_s"] / res["core_loop_samples_per_s"]
+    res["ray_2w_over_1w"] = res["ray_2w_samples_per_s"] / res["ray_1w_samples_per_s"]
+    res["sharded_over_faiss_time"] = res["sharded_ray_s"] / res["faiss_residual_quantizer_s"]
+    res["core_over_faiss_time"] = res["core_in_process_s"] / res["faiss_residual_quantizer_s"]
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

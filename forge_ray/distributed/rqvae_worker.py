@@ -1,0 +1,156 @@
+"""The Ray Train worker of ``train-sid`` for RQ-VAE (one per data-parallel rank).
+
+Everything arrives through the loop config (never globals). Each rank streams its
+shard of the items (``get_dataset_shard("train")``) and, when the dataset has
+co-occurrence pairs, of the joined pair embeddings (``"pairs"``), cycling through
+epochs until the step budget is spent; Ray Train splits both with ``equal=True``,
+so every rank reaches an epoch end at the same step. DeepSpeed (ZeRO 1/2 from the
+JSON) owns the optimizer; codebook maintenance (EMA, dead-code restart) all-reduces
+its statistics and broadcasts the codebooks so the replicas stay identical.
+
+Memory per rank: the model, its optimizer partition, one reconstruction batch and
+one pair batch (``train.batch_size`` / ``train.pair_batch_size`` rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from forge_ray.core.quantize.losses import LossConfig
+from forge_ray.core.quantize.rqvae import RQVAE, RQVAEConfig
+from forge_ray.core.quantize.train_loop import batch_kinds, compute_loss
+from forge_ray.distributed.train_common import RunReporter, init_deepspeed
+
+FINAL_DIR = "final_quantizer"  # rank 0 saves the trained quantizer here, inside run_dir
+NAN_FILE = "stopped_nan.json"  # rank 0 writes {"nan_step": s} here when the loss is not finite
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at
+    ``total`` (the schedule of train_loop.warmup_cosine). Bound with functools.partial,
+    not a callable object: LambdaLR checkpoints a callable object's attributes and would
+    restore the old ``total`` when a resumed run trains longer."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _batches(name: str, batch_size: int):
+    """Endless (B, ...) tensor batches of this rank's shard of dataset ``name``."""
+    shard = ray.train.get_dataset_shard(name)
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError(f"the {name!r} shard of this worker holds fewer than {batch_size} rows")
+
+
+def _collectives(device: torch.device):
+    """In-place sum / broadcast-from-rank-0 hooks for ``update_codebooks`` (the
+    statistics live on the model's device; NCCL needs them on the GPU)."""
+    def all_reduce(t: torch.Tensor) -> None:
+        buf = t.to(device)
+        dist.all_reduce(buf)
+        t.copy_(buf)
+
+    def broadcast(t: torch.Tensor) -> None:
+        buf = t.to(device)
+        dist.broadcast(buf, src=0)
+        t.copy_(buf)
+
+    return all_reduce, broadcast
+
+
+def _debug_fault(debug: dict, rank: int, step: int) -> None:
+    """Test hook: rank ``kill_rank`` dies at ``kill_step`` once (a marker file
+    remembers the first attempt), so a restarted worker group gets past it."""
+    if rank == debug["kill_rank"] and step == debug["kill_step"] and debug["marker"]:
+        marker = Path(debug["marker"])
+        if not marker.exists():
+            marker.write_text(f"killed rank {rank} at step {step}\n")
+            os._exit(1)
+
+
+def rqvae_worker(cfg: dict) -> None:
+    """Train the RQ-VAE for ``cfg["total_steps"]`` optimizer steps (resuming if a
+    checkpoint exists); rank 0 saves the result under ``run_dir/final_quantizer``."""
+    if cfg["torch_threads"]:
+        torch.set_num_threads(cfg["torch_threads"])
+    rank = ray.train.get_context().get_world_rank()
+    model = RQVAE(RQVAEConfig(**cfg["rqvae"]))
+    model.load_state_dict(cfg["init_state"])  # k-means-initialised on the driver
+    train, loss_cfg = cfg["train"], LossConfig(**cfg["train"]["loss"])
+    total = cfg["total_steps"]
+    engine = init_deepspeed(model, cfg["deepspeed"], functools.partial(
+        lr_factor, warmup=cfg["warmup_steps"], total=total, min_ratio=train["min_lr_ratio"]))
+    reporter = RunReporter(cfg["run_dir"], cfg["fingerprint"])
+    step = int(reporter.restore(engine).get("step", 0))
+    module: RQVAE = engine.module
+    module.train()
+    all_reduce, broadcast = _collectives(engine.device)
+    has_pairs = cfg["has_pairs"]
+    recon_it = _batches("train", train["batch_size"])
+    pair_it = _batches("pairs", train["pair_batch_size"]) if has_pairs else None
+    bar = tqdm(total=total, initial=step, desc="train-sid", disable=rank != 0 or not train["progress"])
+    window: dict[str, list[float]] = {}  # metrics since the last log line (steps alternate kinds)
+    world, window_rows, window_start = ray.train.get_context().get_world_size(), 0, time.perf_counter()
+    while step < total:
+        _debug_fault(cfg["debug"], rank, step)
+        use_recon, use_pairs = batch_kinds(step, has_pairs, loss_cfg)
+        recon = next(recon_it)["x"].to(engine.device) if use_recon else None
+        pair = None
+        if use_pairs:
+            b = next(pair_it)
+            pair = (b["a"].to(engine.device), b["b"].to(engine.device))
+        loss, metrics = compute_loss(module, recon, pair, loss_cfg)
+        if step == cfg["debug"]["nan_step"]:
+            loss = loss * float("nan")
+        bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0], device=engine.device)
+        dist.all_reduce(bad)  # every rank stops at the same step if any rank saw NaN
+        if bad.item():  # no checkpoint: the last good one stays the latest
+            if rank == 0:  # Ray's Result only carries checkpointed metrics: tell the driver by file
+                (Path(cfg["run_dir"]) / NAN_FILE).write_text(json.dumps({"nan_step": step}))
+            reporter.close()
+            return
+        engine.backward(loss)
+        engine.step()
+        restarted = module.update_codebooks(all_reduce=all_reduce, broadcast=broadcast)
+        metrics.update(restarted)
+        for key, value in metrics.items():
+            window.setdefault(key, []).append(value)
+        window_rows += (len(recon) if use_recon else 0) + (2 * len(pair[0]) if use_pairs else 0)
+        if any(restarted.values()) and not module.config.ema:
+            # ZeRO keeps fp32 master copies of the parameters and would overwrite
+            # the re-seeded codes with them at the next step: update the masters too.
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for book in module.codebooks:
+                safe_set_full_fp32_param(book, book.data)
+        step += 1
+        bar.update(1)
+        if step % train["log_every"] == 0 or step == total:
+            rate = world * window_rows / (time.perf_counter() - window_start)  # all ranks alike
+            reporter.log({"lr": engine.get_lr()[0], "samples_per_s": rate,
+                          **{k: sum(v) / len(v) for k, v in window.items()}}, step)
+            window, window_rows, window_start = {}, 0, time.perf_counter()
+        if step % cfg["checkpoint_every"] == 0 or step == total:
+            reporter.report({"step": step, "loss": metrics["loss"]}, engine=engine,
+                            client_state={"step": step})
+    bar.close()
+    if rank == 0:
+        module.eval()
+        module.save(Path(cfg["run_dir"]) / FINAL_DIR)
+    reporter.close()
