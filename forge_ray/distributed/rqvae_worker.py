@@ -29,21 +29,11 @@ from tqdm.auto import tqdm
 from forge_ray.core.quantize.losses import LossConfig
 from forge_ray.core.quantize.rqvae import RQVAE, RQVAEConfig
 from forge_ray.core.quantize.train_loop import batch_kinds, compute_loss
+from forge_ray.core.schedule import warmup_cosine_factor
 from forge_ray.distributed.train_common import RunReporter, init_deepspeed
 
 FINAL_DIR = "final_quantizer"  # rank 0 saves the trained quantizer here, inside run_dir
 NAN_FILE = "stopped_nan.json"  # rank 0 writes {"nan_step": s} here when the loss is not finite
-
-
-def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at
-    ``total`` (the schedule of train_loop.warmup_cosine). Bound with functools.partial,
-    not a callable object: LambdaLR checkpoints a callable object's attributes and would
-    restore the old ``total`` when a resumed run trains longer."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def _batches(name: str, batch_size: int):
@@ -95,7 +85,7 @@ def rqvae_worker(cfg: dict) -> None:
     train, loss_cfg = cfg["train"], LossConfig(**cfg["train"]["loss"])
     total = cfg["total_steps"]
     engine = init_deepspeed(model, cfg["deepspeed"], functools.partial(
-        lr_factor, warmup=cfg["warmup_steps"], total=total, min_ratio=train["min_lr_ratio"]))
+        warmup_cosine_factor, warmup=cfg["warmup_steps"], total=total, min_ratio=train["min_lr_ratio"]))
     reporter = RunReporter(cfg["run_dir"], cfg["fingerprint"])
     step = int(reporter.restore(engine).get("step", 0))
     module: RQVAE = engine.module

@@ -24,6 +24,7 @@ ZeRO-3 is not supported (rank 0 validates with the full local weights).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from forge_ray.config import ScaleConfig, require, to_dict
 from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable
 from forge_ray.core.gr.models import GRModelConfig, build_model, count_parameters, save_model
 from forge_ray.core.gr.vocab import SIDVocab
+from forge_ray.core.schedule import warmup_cosine_factor
 from forge_ray.distributed.gr_data import GRDataConfig
 from forge_ray.errors import InputError
 
@@ -113,13 +115,6 @@ class TrainGRConfig:
 
 
 # ---- the worker -------------------------------------------------------------------
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def _worker(cfg: dict) -> None:
     """Ray Train worker: everything comes through ``cfg`` (no globals)."""
     import ray
@@ -137,7 +132,7 @@ def _worker(cfg: dict) -> None:
     model = build_model(model_cfg, vocab)
     total = cfg["total_steps"]
     engine = init_deepspeed(model, cfg["ds_config"],
-                            lambda s: _lr_factor(s, t["warmup_steps"], total))
+                            functools.partial(warmup_cosine_factor, warmup=t["warmup_steps"], total=total))
     reporter = RunReporter(cfg["run_dir"], cfg["fingerprint"])
     state = reporter.restore(engine)
     rank = reporter.rank

@@ -4,7 +4,6 @@ bad inputs fail cleanly."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from forge_ray.core.quantize.base import load_quantizer
 from forge_ray.core.quantize.rq_kmeans import RQKMeans
 from forge_ray.core.sid.collisions import CollisionConfig, resolve_all
 from forge_ray.core.sid.export import read_sid_table, read_sid_tokens
-from forge_ray.data.schema import PAIRS_SCHEMA, ShardWriter, embedding_array, items_schema, sequences_schema
+from forge_ray.data.schema import ShardWriter, embedding_array, items_schema, sequences_schema
 from forge_ray.distributed.assign import AssignConfig, assign, list_codes
 from forge_ray.errors import InputError
 from forge_ray.io import read_manifest, write_manifest

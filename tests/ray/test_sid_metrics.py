@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_assign import make_dataset, read_out, tiny  # noqa: F401  (tiny is a fixture)

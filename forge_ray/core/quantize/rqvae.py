@@ -206,7 +206,7 @@ class RQVAE(nn.Module):
             r = torch.cat([p[0][level] for p in pending])  # (n, d)
             c = torch.cat([p[1][:, level] for p in pending])  # (n,)
             counts = torch.bincount(c, minlength=k).float()  # (K,)
-            sums = torch.zeros(k, r.shape[1], dtype=r.dtype).index_add_(0, c, r)  # (K, d)
+            sums = torch.zeros(k, r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, c, r)  # (K, d)
             if all_reduce is not None:
                 all_reduce(counts)
                 all_reduce(sums)
@@ -228,7 +228,7 @@ class RQVAE(nn.Module):
                     err = (r - cb[c]).pow(2).sum(1)  # (n,) quantization error per row
                     order = torch.argsort(err, descending=True)
                     pick = order[torch.arange(restarted) % len(order)]  # top-error rows, cycled
-                    new = r[pick] + 1e-3 * r.std() * torch.randn(restarted, r.shape[1])
+                    new = r[pick] + 1e-3 * r.std() * torch.randn(restarted, r.shape[1], device=r.device, dtype=r.dtype)
                     cb[dead] = new
                     unused[dead] = 0
                     if cfg.ema:

@@ -10,7 +10,7 @@ Memory of the loop: the input arrays (held by the caller) plus one batch.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from forge_ray.core.quantize.base import check_embeddings
 from forge_ray.core.quantize.losses import (LossConfig, commitment_loss, contrastive_loss,
                                             reconstruction_loss)
 from forge_ray.core.quantize.rqvae import RQVAE, RQVAEOutput
+from forge_ray.core.schedule import warmup_cosine_factor
 from forge_ray.errors import InputError
 
 
@@ -117,12 +118,8 @@ def batch_kinds(step: int, has_pairs: bool, cfg: LossConfig) -> tuple[bool, bool
 
 def warmup_cosine(optimizer, warmup: int, total: int, min_ratio: float):
     """LambdaLR: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio``."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        warmup_cosine_factor, warmup=warmup, total=total, min_ratio=min_ratio))
 
 
 def train_rqvae(model: RQVAE, x: np.ndarray, pairs: np.ndarray | None = None,
