@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sid-metrics": ("sid_metrics", "SID quality: collisions, Gini, utilisation, reconstruction, Embedding HitRate"),
     "train-gr": ("train_gr", "train a generative-retrieval model on SID sequences (Ray Train + DeepSpeed)"),
     "eval-gr": ("eval_gr", "Recall/NDCG/HR@K of a GR model with constrained beam search in Ray actors"),
+    "pipeline": ("pipeline", "every stage from one config in one Ray session; skips finished stages"),
+    "sweep": ("sweep", "Ray Tune over codebook settings: SID metrics vs GR quality, Spearman report"),
     "demo": ("demo", "synthesise a small FORGE-shaped dataset and run the pipeline on it"),
 }
 

@@ -1,0 +1,309 @@
+"""``forge-ray sweep``: Ray Tune over codebook settings, then (optionally) GR on the best.
+
+1. The driver streams a bounded sample of the dataset (the first ``max_items`` items
+   in file order, the contrastive pairs among them, the first ``max_sequences``
+   sequences restricted to them) and puts it in the object store once. Driver and
+   each trial hold at most that sample: N x D x 4 bytes of embeddings plus pairs and
+   sequences.
+2. Each Tune trial (a Ray actor with ``cpus_per_trial`` CPUs) runs
+   :func:`~forge_ray.distributed.sweep_trial.quantizer_trial`: quantizer training
+   with per-epoch ``recon_mse`` reports (ASHA stops the worst early), SID assignment
+   with the trial's collision strategy, and the SID metrics. A trial whose config
+   point fails is recorded as failed and the sweep goes on (no fail-fast).
+3. With ``gr.top_k > 0`` the best trials by ``select_metric`` each train a tiny GR
+   model (Ray tasks, in parallel) and get Recall/NDCG@5/10.
+4. The report: results table (CSV + Parquet), best config (YAML), Spearman
+   correlation of each SID metric with GR recall@10 across trials (JSON + Markdown)
+   and one scatter PNG per metric: our own test of FORGE's claim that Gini and
+   Embedding HitRate predict GR quality.
+
+Resume: the Tune experiment lives in ``OUT/tune``; ``resume`` continues it with
+``Tuner.restore`` (finished trials are kept, unfinished ones continue from their
+last epoch checkpoint, failed ones are not retried).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+from forge_ray.config import from_dict, require, to_dict
+from forge_ray.distributed.sweep_trial import Sample, SweepGRConfig, TrialParams, gr_trial, quantizer_trial
+from forge_ray.errors import ConfigError, InputError
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+SID_METRICS = ("collision_rate", "gini", "unique_sid_ratio", "utilisation", "recon_mse",
+               "embedding_hitrate", "max_items_per_sid")
+GR_TARGET = "gr_recall@10"
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """What a sweep explores (see configs/sweep/*.yaml).
+
+    base: fixed trial settings (:class:`TrialParams` fields). space: key ->
+    ``{grid: [...]}`` | ``{choice: [...]}`` | ``{uniform: [lo, hi]}`` |
+    ``{loguniform: [lo, hi]}`` | ``{randint: [lo, hi]}``, keys from TrialParams.
+    num_samples: repeats of the grid (each draws the random keys anew).
+    """
+
+    data: str = ""
+    base: TrialParams = dataclasses.field(default_factory=TrialParams)
+    space: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_samples: int = 1
+    max_concurrent: int = 2
+    cpus_per_trial: float = 0.5
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    select_metric: str = "embedding_hitrate"
+    select_mode: Literal["max", "min"] = "max"
+    max_items: int = 50_000
+    max_sequences: int = 20_000
+    hitrate_topk: int = 10
+    gr: SweepGRConfig = dataclasses.field(default_factory=SweepGRConfig)
+    name: str = "sweep"
+
+    def __post_init__(self):
+        require(self.num_samples >= 1 and self.max_concurrent >= 1, "num_samples, max_concurrent must be >= 1")
+        require(self.cpus_per_trial > 0, "cpus_per_trial must be > 0")
+        require(self.grace_period >= 1 and self.reduction_factor >= 2, "grace_period >= 1, reduction_factor >= 2")
+        require(self.select_metric in SID_METRICS, f"select_metric must be one of {', '.join(SID_METRICS)}")
+        require(self.max_items >= 2 and self.max_sequences >= 1 and self.hitrate_topk >= 1,
+                "max_items >= 2, max_sequences >= 1, hitrate_topk >= 1")
+        validate_space(self.space, self.base)
+
+
+def validate_space(space: dict, base: TrialParams) -> None:
+    """Refuse unknown keys, bad distribution specs and invalid values (each grid /
+    choice value and both ends of each range are checked through TrialParams)."""
+    fields = {f.name for f in dataclasses.fields(TrialParams)}
+    for key, spec in space.items():
+        if key not in fields:
+            raise ConfigError("space", f"unknown search-space key {key!r}; known: {', '.join(sorted(fields))}")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError("space", f"{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError("space", f"{key}.{kind}: expected a non-empty list, got {values!r}")
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                raise ConfigError("space", f"{key}.{kind}: expected [low, high] with low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError("space", f"{key}.loguniform: bounds must be > 0")
+        for value in values:
+            try:
+                from_dict(TrialParams, {**to_dict(base), key: value}, "space")
+            except ConfigError as e:
+                raise ConfigError("space", f"{key}={value!r}: {e.problem}") from None
+
+
+def tune_space(space: dict) -> dict:
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice,
+            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(v[0], v[1] + 1)}
+    return {key: make[kind](values) for key, spec in space.items() for kind, values in spec.items()}
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_sample(dataset: str | os.PathLike, cfg: SweepConfig) -> Sample:
+    """Stream the bounded sample described in the module doc (Ray Data reads)."""
+    from forge_ray.data.schema import embeddings_to_numpy
+    from forge_ray.distributed.dataset import dataset_manifest, read_items, read_pairs, read_sequences
+
+    manifest = dataset_manifest(dataset)
+    if not manifest.get("embedding_dim"):
+        raise InputError(dataset, "items have no embeddings (run forge-ray embed first)")
+    ids, xs = [], []
+    for b in read_items(dataset, columns=["item_id", "embedding"]).limit(cfg.max_items).iter_batches(
+            batch_format="pyarrow", batch_size=8192):
+        ids.append(b["item_id"].to_numpy())
+        xs.append(embeddings_to_numpy(b["embedding"]))
+    item_ids, x = np.concatenate(ids).astype(np.int64), np.concatenate(xs).astype(np.float32)
+    order = np.argsort(item_ids)
+    item_ids, x = item_ids[order], x[order]
+    pairs = np.zeros((0, 2), np.int64)
+    if (Path(dataset) / "pairs").is_dir():
+        parts = []
+        for b in read_pairs(dataset).iter_batches(batch_format="numpy", batch_size=65536):
+            ab = np.stack([b["item_a"], b["item_b"]], 1).astype(np.int64)
+            rows = np.clip(np.searchsorted(item_ids, ab), 0, len(item_ids) - 1)
+            parts.append(rows[(item_ids[rows] == ab).all(1)])
+        pairs = np.concatenate(parts) if parts else pairs
+    users, seqs = [], []
+    if (Path(dataset) / "sequences").is_dir():
+        for b in read_sequences(dataset, columns=["user_id", "item_ids"]).limit(
+                cfg.max_sequences).iter_batches(batch_format="pyarrow", batch_size=8192):
+            for u, seq in zip(b["user_id"].to_pylist(), b["item_ids"].to_pylist()):
+                seq = np.asarray(seq, np.int64)
+                keep = seq[np.isin(seq, item_ids)]
+                if len(keep) >= 2:
+                    users.append(u)
+                    seqs.append(keep)
+    return Sample(item_ids, x, pairs, np.asarray(users, np.int64), seqs)
+
+
+# ----------------------------------------------------------------------------- run
+
+def run_sweep(cfg: SweepConfig, out: str | os.PathLike, resume: bool = False) -> dict:
+    """Run (or resume) the sweep into ``out``; returns the report dict. Needs Ray."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    out = Path(out).resolve()
+    if not cfg.data:
+        raise ConfigError("data", "no dataset given (--data or data: in the config)")
+    tune_dir = out / "tune"
+    if resume and not tune.Tuner.can_restore(str(tune_dir / cfg.name)):
+        raise InputError(tune_dir / cfg.name, "no sweep to resume here")
+    if not resume and (tune_dir / cfg.name).exists():
+        raise InputError(out, "sweep already exists (pass --resume to continue it)")
+    sample = load_sample(cfg.data, cfg)
+    if len(sample.seqs) == 0:
+        raise InputError(cfg.data, "no sequences with >= 2 sampled items: SID HitRate and GR need them")
+    ref = [ray.put(sample)]  # in a list so Tune does not resolve it into every config
+    trainable = tune.with_resources(
+        tune.with_parameters(quantizer_trial, sample_ref=ref, base=to_dict(cfg.base),
+                             hitrate_topk=cfg.hitrate_topk),
+        {"cpu": cfg.cpus_per_trial})
+    scheduler = (ASHAScheduler(time_attr="epoch", metric="recon_mse", mode="min",
+                               max_t=max(cfg.base.epochs, 1), grace_period=cfg.grace_period,
+                               reduction_factor=cfg.reduction_factor)
+                 if cfg.scheduler == "asha" else FIFOScheduler())
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_dir / cfg.name), trainable, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=tune_space(cfg.space),
+            tune_config=tune.TuneConfig(num_samples=cfg.num_samples, scheduler=scheduler,
+                                        max_concurrent_trials=cfg.max_concurrent),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=str(tune_dir), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    grid = tuner.fit()
+    rows = []
+    for i, r in enumerate(grid):
+        params = r.config
+        if not params and r.path and (Path(r.path) / "params.json").is_file():
+            params = json.loads((Path(r.path) / "params.json").read_text())  # errored trials
+        row = {"trial": Path(r.path).name if r.path else f"trial_{i}", **to_dict(cfg.base),
+               **(params or {})}
+        if r.error is not None:
+            lines = [ln.strip() for ln in str(r.error).splitlines() if ln.strip()]
+            row.update(status="failed", error=lines[-1][:300] if lines else type(r.error).__name__)
+        else:
+            m = r.metrics or {}
+            row.update({k: m.get(k) for k in ("epoch", *SID_METRICS, "final_unique_sid_ratio", "moved",
+                                              "fallback")},
+                       status="ok" if m.get("done") else "stopped early")
+            row["_sids"] = os.path.join(r.checkpoint.path, "sids.npz") if r.checkpoint and m.get("done") else None
+        rows.append(row)
+    _gr_stage(rows, sample, cfg)
+    return write_report(rows, cfg, out)
+
+
+def _gr_stage(rows: list[dict], sample: Sample, cfg: SweepConfig) -> None:
+    """Train + evaluate a tiny GR model on the ``gr.top_k`` best finished trials."""
+    import ray
+
+    done = [r for r in rows if r["status"] == "ok" and r.get("_sids")]
+    if not cfg.gr.top_k or not done:
+        return
+    done.sort(key=lambda r: r[cfg.select_metric], reverse=cfg.select_mode == "max")
+    task = ray.remote(num_cpus=cfg.gr.cpus)(gr_trial)
+    ref = ray.put(sample)
+    picked = done[: cfg.gr.top_k]
+    results = ray.get([task.remote(r["_sids"], ref, cfg.gr, r.get("seed", 0)) for r in picked])
+    for r, m in zip(picked, results):
+        r.update(m)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None if undefined."""
+    import pandas as pd
+
+    if len(a) < 3:
+        return None
+    rho = pd.Series(a).corr(pd.Series(b), method="spearman")
+    return None if rho is None or math.isnan(rho) else float(rho)
+
+
+def write_report(rows: list[dict], cfg: SweepConfig, out: Path) -> dict:
+    """results.{csv,parquet}, best_config.yaml, report.{json,md}, scatter_<metric>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+    df.to_csv(out / "results.csv", index=False)
+    df.astype({c: str for c in df.columns if df[c].dtype == object}).to_parquet(out / "results.parquet")
+    ok = df[df["status"] == "ok"] if "status" in df else df.iloc[:0]
+    report: dict[str, Any] = {"trials": len(df), "finished": int(len(ok)),
+                              "stopped_early": int((df["status"] == "stopped early").sum()),
+                              "failed": df[df["status"] == "failed"][["trial", "error"]].to_dict("records"),
+                              "select_metric": cfg.select_metric, "gr_target": GR_TARGET,
+                              "spearman": {}, "plots": []}
+    if len(ok):
+        best = ok.sort_values(cfg.select_metric, ascending=cfg.select_mode == "min").iloc[0]
+        params = {f.name: _plain(best[f.name]) for f in dataclasses.fields(TrialParams)}
+        (out / "best_config.yaml").write_text(
+            f"# best trial {best['trial']} by {cfg.select_metric} ({cfg.select_mode})\n"
+            + yaml.safe_dump({"base": params}, sort_keys=False))
+        report["best"] = {"trial": best["trial"], cfg.select_metric: _plain(best[cfg.select_metric]),
+                          "params": params}
+    scored = ok[ok[GR_TARGET].notna()] if GR_TARGET in ok else ok.iloc[:0]
+    for metric in SID_METRICS:
+        if not len(scored):
+            break
+        x, y = scored[metric].astype(float).to_numpy(), scored[GR_TARGET].astype(float).to_numpy()
+        report["spearman"][metric] = spearman(x, y)
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.scatter(x, y)
+        rho = report["spearman"][metric]
+        ax.set(xlabel=metric, ylabel=GR_TARGET,
+               title=f"Spearman {rho:+.2f} (n={len(x)})" if rho is not None else f"n={len(x)}")
+        fig.tight_layout()
+        fig.savefig(out / f"scatter_{metric}.png", dpi=80)
+        plt.close(fig)
+        report["plots"].append(f"scatter_{metric}.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+    (out / "report.md").write_text(_markdown(report, df))
+    return report
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def _markdown(report: dict, df) -> str:
+    lines = ["# Sweep report\n", f"{report['trials']} trials: {report['finished']} finished, "
+             f"{report['stopped_early']} stopped early by ASHA, {len(report['failed'])} failed.\n"]
+    if report.get("best"):
+        lines.append(f"Best by {report['select_metric']}: {report['best']['trial']} "
+                     f"({report['best'][report['select_metric']]:.4f}).\n")
+    if report["spearman"]:
+        lines += [f"## Spearman correlation with {report['gr_target']}\n", "| SID metric | rho |", "|---|---|"]
+        lines += [f"| {m} | {'n/a' if r is None else f'{r:+.3f}'} |" for m, r in report["spearman"].items()]
+        lines.append("")
+    if report["failed"]:
+        lines += ["## Failed trials\n"] + [f"- {f['trial']}: {f['error']}" for f in report["failed"]] + [""]
+    cols = [c for c in ("trial", "status", "quantizer", "codebook_size", "collision", *SID_METRICS,
+                        GR_TARGET, "pop_recall@10") if c in df]
+    lines += ["## Trials\n", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,71 @@
+"""forge-ray sweep: Tune trials with SID metrics, GR on the best, Spearman report,
+a failing trial recorded, invalid spaces refused up front, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from forge_ray.config import load_config
+from forge_ray.data import synth
+from forge_ray.distributed.sweep import SweepConfig, run_sweep
+from forge_ray.errors import ConfigError, InputError
+
+pytestmark = pytest.mark.ray
+
+TINY = "configs/sweep/tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def dataset(ray_cluster, tmp_path_factory):
+    from forge_ray.distributed.ingest import IngestConfig, ingest
+
+    root = tmp_path_factory.mktemp("sweepdata")
+    cfg = load_config(synth.SynthConfig, None, ["items=800", "dim=8", "users=200", "branching=[4,4]", "level_scales=[1.0,0.5]"])
+    (root / "raw").mkdir()
+    synth.generate(cfg, root / "raw", progress=False)
+    srcs = [str(root / "raw" / f) for f in (synth.CONTRASTIVE_FILE, synth.RECONSTRUCT_FILE, synth.INTERACTIONS_DIR)]
+    ingest(srcs, root / "ds", IngestConfig(progress=False))
+    return root / "ds"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("space.bogus={grid: [1]}", "unknown search-space key 'bogus'"),
+    ("space.levels={normal: [1, 2]}", "expected one of"),
+    ("space.lr={uniform: [0.1, 0.01]}", "low < high"),
+    ("space.codebook_size={grid: [8, 0]}", "codebook_size=0"),
+])
+def test_invalid_space_refused_before_any_trial(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SweepConfig, TINY, [override])
+
+
+def test_sweep_reports_correlations_and_records_failures(dataset, tmp_path):
+    cfg = load_config(SweepConfig, TINY, [
+        f"data={dataset}", "base.epochs=2", "base.steps_per_epoch=8", "base.latent_dim=4",
+        "space={quantizer: {grid: [rq_kmeans, rqvae]}, codebook_size: {grid: [4, 8, 5000]}}",
+        "grace_period=2", "gr.top_k=4", "gr.steps=20"])
+    out = tmp_path / "sweep"
+    report = run_sweep(cfg, out)
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 6 and report["trials"] == 6
+    failed = df[df["status"] == "failed"]
+    assert sorted(failed["codebook_size"]) == [5000, 5000]  # more codes than the 800 items
+    assert len(report["failed"]) == 2 and report["finished"] == 4
+    ok = df[df["status"] == "ok"]
+    assert ok["embedding_hitrate"].between(0, 1).all() and ok["gini"].between(0, 1).all()
+    assert ok["gr_recall@10"].notna().all() and ok["pop_recall@10"].notna().all()
+    assert set(report["spearman"]) >= {"gini", "embedding_hitrate", "collision_rate", "utilisation"}
+    assert all((out / p).is_file() for p in report["plots"]) and len(report["plots"]) >= 4
+    assert pd.read_parquet(out / "results.parquet").shape[0] == 6
+    assert "Spearman" in (out / "report.md").read_text()
+    best = load_config(SweepConfig, out / "best_config.yaml")
+    assert best.base.codebook_size in (4, 8)
+
+    with pytest.raises(InputError, match="--resume"):
+        run_sweep(cfg, out)
+    again = run_sweep(cfg, out, resume=True)  # everything finished: nothing re-runs
+    assert again["finished"] == 4 and len(again["failed"]) == 2
+    assert json.loads((out / "report.json").read_text())["trials"] == 6
