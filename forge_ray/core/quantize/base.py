@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Literal, Protocol, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -146,6 +146,20 @@ def read_quantizer_json(folder: str | os.PathLike, qtype: str | None = None) -> 
     if qtype is not None and meta["type"] != qtype:
         raise InputError(folder, f"expected a {qtype!r} quantizer, found {meta['type']!r}")
     return meta
+
+
+def saved_config_and_weights(folder: str | os.PathLike, qtype: str, config_cls: type,
+                             weights_file: str) -> tuple[Any, Path]:
+    """A saved quantizer's typed config and the path of its weights file (checked to exist)."""
+    meta = read_quantizer_json(folder, qtype)
+    try:
+        config = config_cls(**meta["config"])
+    except (TypeError, ValueError) as e:
+        raise InputError(Path(folder) / QUANTIZER_FILE, f"bad config: {e}") from None
+    path = Path(folder) / weights_file
+    if not path.is_file():
+        raise InputError(folder, f"missing {weights_file}")
+    return config, path
 
 
 def load_quantizer(folder: str | os.PathLike) -> Quantizer:

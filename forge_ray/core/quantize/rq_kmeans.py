@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 from forge_ray.config import require
 from forge_ray.core.quantize.balanced import sinkhorn_bias
 from forge_ray.core.quantize.base import (batched, check_codes, check_embeddings, code_costs,
-                                          nearest_codes, ranked_codes, read_quantizer_json,
+                                          nearest_codes, ranked_codes, saved_config_and_weights,
                                           write_quantizer_json)
 from forge_ray.core.quantize.kmeans import ArrayData, KMeansData, kmeans
 from forge_ray.errors import InputError
@@ -183,14 +182,8 @@ class RQKMeans:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "RQKMeans":
-        meta = read_quantizer_json(folder, cls.TYPE)
-        try:
-            q = cls(RQKMeansConfig(**meta["config"]))
-        except (TypeError, ValueError) as e:
-            raise InputError(Path(folder) / "quantizer.json", f"bad config: {e}") from None
-        path = Path(folder) / WEIGHTS_FILE
-        if not path.is_file():
-            raise InputError(folder, f"missing {WEIGHTS_FILE}")
+        config, path = saved_config_and_weights(folder, cls.TYPE, RQKMeansConfig, WEIGHTS_FILE)
+        q = cls(config)
         with np.load(path, allow_pickle=False) as z:
             for i, k in enumerate(q.sizes):
                 if f"codebook_{i}" not in z or z[f"codebook_{i}"].shape[0] != k:

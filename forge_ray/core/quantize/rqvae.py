@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
@@ -36,7 +35,7 @@ from torch import nn
 from forge_ray.config import require
 from forge_ray.core.quantize.balanced import sinkhorn_assign
 from forge_ray.core.quantize.base import (batched, check_codes, check_embeddings, code_costs,
-                                          nearest_codes, ranked_codes, read_quantizer_json,
+                                          nearest_codes, ranked_codes, saved_config_and_weights,
                                           write_quantizer_json)
 from forge_ray.core.quantize.kmeans import ArrayData, kmeans
 from forge_ray.core.quantize.losses import CONTRASTIVE_TERMS
@@ -300,14 +299,8 @@ class RQVAE(nn.Module):
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "RQVAE":
-        meta = read_quantizer_json(folder, cls.TYPE)
-        try:
-            model = cls(RQVAEConfig(**meta["config"]))
-        except (TypeError, ValueError) as e:
-            raise InputError(Path(folder) / "quantizer.json", f"bad config: {e}") from None
-        path = Path(folder) / WEIGHTS_FILE
-        if not path.is_file():
-            raise InputError(folder, f"missing {WEIGHTS_FILE}")
+        config, path = saved_config_and_weights(folder, cls.TYPE, RQVAEConfig, WEIGHTS_FILE)
+        model = cls(config)
         try:
             model.load_state_dict(load_file(str(path)), strict=True)
         except (RuntimeError, OSError) as e:
