@@ -17,7 +17,7 @@ from forge_ray.core.gr.trie import SIDTrie
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.errors import InputError
 from forge_ray.io import write_manifest
-from test_train_gr import SIZES, build_gr_data
+from tests.ray.test_train_gr import SIZES, build_gr_data
 
 pytestmark = pytest.mark.ray
 

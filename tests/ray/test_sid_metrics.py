@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_assign import make_dataset, read_out, tiny  # noqa: F401  (tiny is a fixture)
+from tests.ray.test_assign import make_dataset, read_out, tiny  # noqa: F401  (tiny is a fixture)
 
 from forge_ray.config import load_config
 from forge_ray.core.quantize.base import load_quantizer
