@@ -44,7 +44,7 @@ from forge_ray.core.quantize.base import Quantizer, load_quantizer
 from forge_ray.core.sid.codes import pack_codes
 from forge_ray.core.sid.collisions import CollisionConfig, group_levels, resolve_group
 from forge_ray.core.sid.export import SidTableWriter, SidTokenWriter
-from forge_ray.data.schema import embeddings_to_numpy
+from forge_ray.data.schema import DEFAULT_ROWS_PER_SHARD, embeddings_to_numpy
 from forge_ray.distributed.dataset import dataset_manifest, read_items
 from forge_ray.errors import ConfigError, ForgeRayError, InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
@@ -259,7 +259,9 @@ def assign(model_dir: str | os.PathLike, dataset: str | os.PathLike, out: str | 
     parts = partitions_for(n_in, cfg.partitions)
     key_levels = group_levels(coll.strategy, len(sizes))
     pool = cfg.pool
-    encoded = items.map_batches(
+    # Streaming re-blocking to batch-sized blocks: a shard is one block, and a dataset
+    # of a few shards would otherwise feed only that many of the pool's actors.
+    encoded = items.repartition(target_num_rows_per_block=pool.batch_size).map_batches(
         Encoder, fn_constructor_kwargs={
             "model_dir": os.fspath(model_dir), "cpus": pool.cpus_per_actor,
             "candidates": coll.candidates if coll.needs_candidates else 0,
@@ -274,7 +276,8 @@ def assign(model_dir: str | os.PathLike, dataset: str | os.PathLike, out: str | 
 
     with atomic_dir(out, overwrite) as tmp:
         try:
-            resolved.write_parquet(str(tmp))
+            # whole shards, not one small file per batch-sized block
+            resolved.write_parquet(str(tmp), min_rows_per_file=DEFAULT_ROWS_PER_SHARD)
             stats = _verify(tmp, n_in, sizes, coll.strategy, parts, cfg.export)
         except Exception as e:  # surface our own one-line errors raised inside Ray tasks
             err = user_error(e)

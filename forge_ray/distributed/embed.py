@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import ray.data
 
 from forge_ray.config import require
-from forge_ray.data.schema import DATASET_KIND, TABLES, embedding_array, items_schema
+from forge_ray.data.schema import (DATASET_KIND, DEFAULT_ROWS_PER_SHARD, TABLES, embedding_array,
+                                   items_schema)
 from forge_ray.distributed.dataset import dataset_manifest, parquet_rows, read_items
 from forge_ray.errors import ForgeRayError, InputError
 from forge_ray.io import MANIFEST, atomic_dir, write_manifest
@@ -106,10 +107,12 @@ def embed(dataset: str | os.PathLike, out: str | os.PathLike | None = None,
     before = parquet_rows(Path(dataset) / "items")
     target = Path(out) if out is not None else Path(dataset)
     with atomic_dir(target, overwrite=overwrite or out is None) as tmp:
-        (items.map_batches(TextEmbedder, fn_constructor_args=(model_path, batch_size),
+        # batch-sized blocks so every actor gets work even from a single shard
+        (items.repartition(target_num_rows_per_block=batch_size * 4)
+              .map_batches(TextEmbedder, fn_constructor_args=(model_path, batch_size),
                            batch_size=batch_size * 4, batch_format="pyarrow", num_cpus=0.5,
                            compute=ray.data.ActorPoolStrategy(size=actors))
-              .write_parquet(str(tmp / "items")))
+              .write_parquet(str(tmp / "items"), min_rows_per_file=DEFAULT_ROWS_PER_SHARD))
         after = parquet_rows(tmp / "items")
         if after != before:
             raise ForgeRayError(f"{dataset}: embedding wrote {after} items but the dataset "
