@@ -30,6 +30,12 @@ def job_server(tmp_path_factory):
     """A head node started with the `ray` CLI; stopped through its own process group."""
     bin_dir = Path(sys.executable).parent
     port, dash = _free_port(), _free_port()
+    # Every listening port explicit: the defaults (e.g. the agent's 52365) clash with
+    # the session's other Ray cluster on this machine.
+    extra_ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "ray-client-server-port", "runtime-env-agent-port", "node-manager-port",
+        "object-manager-port")]
     temp = Path("/tmp") / f"frj-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
@@ -38,7 +44,8 @@ def job_server(tmp_path_factory):
     proc = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
+         *extra_ports],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     from ray.job_submission import JobSubmissionClient
 
@@ -119,6 +126,8 @@ def test_failing_job_reports_the_one_line_error(job_server, tmp_path):
     from ray.job_submission import JobStatus
 
     client, _ = job_server
-    job_id = _submit(client, f"python -m jobs.synth {tmp_path} --items 10 --dim 8 --users 2")
+    job_id = _submit(client, f"python -m jobs.synth {tmp_path / 'x'} --items 10 --dim 8 --users 2")
     assert _wait(client, job_id) == JobStatus.FAILED
-    assert "already exists" in client.get_job_logs(job_id)
+    logs = client.get_job_logs(job_id)
+    assert "forge-ray synth: error: command line: SynthConfig: items must be >=" in logs
+    assert "Traceback" not in logs and not (tmp_path / "x").exists()
