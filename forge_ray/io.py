@@ -79,15 +79,21 @@ def write_manifest(folder: str | os.PathLike, kind: str, **fields: Any) -> dict:
     return manifest
 
 
+def read_json_in(folder: str | os.PathLike, name: str, missing: str, what: str) -> Any:
+    """Parse ``folder/name``: InputError on the folder when absent (``missing`` says
+    why that matters) and on the file when it is not JSON (``what`` names its role)."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise InputError(folder, f"no {name} ({missing})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"corrupt {what}: {e}") from None
+
+
 def read_manifest(folder: str | os.PathLike, kind: str | None = None) -> dict:
     """Read ``folder/manifest.json``; check its ``kind`` when given."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise InputError(folder, f"no {MANIFEST} (not a complete forge_ray output)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"corrupt manifest: {e}") from None
+    manifest = read_json_in(folder, MANIFEST, "not a complete forge_ray output", "manifest")
     if kind is not None and manifest.get("kind") != kind:
         raise InputError(folder, f"expected a {kind!r} output, found {manifest.get('kind')!r}")
     return manifest

@@ -14,15 +14,7 @@ from forge_ray.core.quantize.rq_kmeans import RQKMeans, RQKMeansConfig
 from forge_ray.errors import InputError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threading only adds contention on the shared 2-core machine."""
-    before, before_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    faiss.omp_set_num_threads(before_faiss)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def skewed(n=2000, d=16, seed=0):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -17,15 +16,7 @@ from forge_ray.core.quantize.rqvae import RQVAE, RQVAEConfig
 from forge_ray.core.quantize.train_loop import TrainConfig, batch_kinds, compute_loss, train_rqvae
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threading only adds contention on the shared 2-core machine."""
-    before, before_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    faiss.omp_set_num_threads(before_faiss)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def tiny(**kw) -> RQVAE:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from forge_ray.errors import InputError
+from forge_ray.io import read_json_in
 
 QUANTIZER_FILE = "quantizer.json"
 Distance = Literal["l2", "cosine"]
@@ -135,12 +136,7 @@ def write_quantizer_json(folder: str | os.PathLike, qtype: str, sizes: list[int]
 
 def read_quantizer_json(folder: str | os.PathLike, qtype: str | None = None) -> dict:
     path = Path(folder) / QUANTIZER_FILE
-    if not path.is_file():
-        raise InputError(folder, f"no {QUANTIZER_FILE} (not a saved quantizer)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"corrupt quantizer description: {e}") from None
+    meta = read_json_in(folder, QUANTIZER_FILE, "not a saved quantizer", "quantizer description")
     if not isinstance(meta, dict) or "type" not in meta or "config" not in meta:
         raise InputError(path, "missing 'type' or 'config'")
     if qtype is not None and meta["type"] != qtype:
