@@ -8,8 +8,16 @@ import re
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
-def add_common(parser: argparse.ArgumentParser, config: bool = True) -> None:
-    """Options every Ray stage shares: cluster address, config file and overrides."""
+def add_common(parser: argparse.ArgumentParser, out: str, *, out_required: bool = True,
+               overwrite: str | None = "replace an existing --out", config: bool = True) -> None:
+    """Options every Ray stage shares: output folder, cluster address, config and overrides.
+
+    ``out`` and ``overwrite`` are the help texts of ``--out`` and ``--overwrite`` (no
+    ``--overwrite`` option when it is ``None``: the command continues an existing folder).
+    """
+    parser.add_argument("--out", required=out_required, default=None, help=out)
+    if overwrite is not None:
+        parser.add_argument("--overwrite", action="store_true", help=overwrite)
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
     if config:

@@ -10,9 +10,8 @@ from forge_ray.commands import add_common
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="quantizer folder (forge-ray train-sid output)")
     parser.add_argument("--data", required=True, help="canonical dataset with item embeddings")
-    parser.add_argument("--out", required=True, help="SIDS_DIR to write (created atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing SIDS_DIR")
-    add_common(parser)
+    add_common(parser, "SIDS_DIR to write (created atomically)",
+               overwrite="replace an existing SIDS_DIR")
 
 
 def run(args: argparse.Namespace) -> int:

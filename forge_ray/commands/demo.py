@@ -19,13 +19,11 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "pipeline.ya
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="RUN_DIR for every stage's output")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start from scratch (default: continue an existing DIR)")
     parser.add_argument("--items", type=int, default=None, help="synthetic items (default: config's)")
     parser.add_argument("--dim", type=int, default=None, help="embedding width (default: config's)")
     parser.add_argument("--users", type=int, default=None, help="synthetic users (default: config's)")
-    add_common(parser, config=False)
+    add_common(parser, "RUN_DIR for every stage's output", config=False,
+               overwrite="start from scratch (default: continue an existing DIR)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,10 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sentences per forward pass (default 64)")
     parser.add_argument("--actors", type=int, default=None, help="model replicas (default 1)")
-    parser.add_argument("--out", default=None,
-                        help="write a new dataset here (default: replace DATASET atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    add_common(parser)
+    add_common(parser, "write a new dataset here (default: replace DATASET atomically)",
+               out_required=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,11 +9,11 @@ from forge_ray.commands import add_common
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="MODEL_DIR from `forge-ray train-gr`")
-    parser.add_argument("--data", required=True, help="canonical dataset folder (sequences table)")
+    parser.add_argument("--data", required=True,
+                        help="canonical dataset folder (sequences table) or an AL-GR test TSV "
+                             "(answers: ';'-separated true item ids)")
     parser.add_argument("--sids", required=True, help="SIDS_DIR the model was trained on")
-    parser.add_argument("--out", required=True, help="folder for metrics.json")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    add_common(parser)
+    add_common(parser, "folder for metrics.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,5 +28,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{m['num_queries']:,} queries, invalid_rate {m['invalid_rate']:.4f}: {shown}")
     if "popularity" in m:
         print(f"popularity baseline: { {k: round(v, 4) for k, v in m['popularity'].items()} }")
+    elif "popularity_skipped" in m:
+        print(f"popularity baseline skipped: {m['popularity_skipped']}")
     print(f"-> {args.out}/metrics.json")
     return 0

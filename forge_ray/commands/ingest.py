@@ -11,16 +11,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", metavar="SRC",
                         help="input files or folders (FORGE npz, AL-GR tsv, Amazon folder, "
                              "Parquet, interaction logs); the format is detected")
-    parser.add_argument("--out", required=True, help="dataset folder to create")
     parser.add_argument("--strict", action="store_true", default=None,
                         help="refuse instead of dropping and counting bad rows")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--chunk-rows", type=int, default=None,
                         help="rows per read task (bounds each worker's memory; default 65536)")
     parser.add_argument("--buckets", type=int, default=None,
                         help="hash buckets for the duplicate / unknown-item checks "
                              "(default: one per 2M rows)")
-    add_common(parser)
+    add_common(parser, "dataset folder to create")
 
 
 def run(args: argparse.Namespace) -> int:

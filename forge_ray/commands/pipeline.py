@@ -8,10 +8,8 @@ from forge_ray.commands import add_common
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True,
-                        help="RUN_DIR: one folder per stage plus state.json; an existing RUN_DIR "
-                             "is continued (finished, unchanged stages are skipped)")
-    add_common(parser)
+    add_common(parser, "RUN_DIR: one folder per stage plus state.json; an existing RUN_DIR "
+                       "is continued (finished, unchanged stages are skipped)", overwrite=None)
 
 
 def run(args: argparse.Namespace) -> int:

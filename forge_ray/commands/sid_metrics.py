@@ -12,9 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="dataset the SIDs were assigned to (adds reconstruction MSE and "
                              "Embedding HitRate)")
-    parser.add_argument("--out", required=True, help="output folder (created atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    add_common(parser)
+    add_common(parser, "output folder (created atomically)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,10 +11,9 @@ from forge_ray.commands import add_common
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="canonical dataset with item embeddings "
                                                      "(default: the config's data:)")
-    parser.add_argument("--out", required=True, help="sweep folder (results, report, Tune experiment)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep in --out (finished trials are kept)")
-    add_common(parser)
+    add_common(parser, "sweep folder (results, report, Tune experiment)", overwrite=None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,9 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="canonical dataset folder (sequences table) or an AL-GR training TSV")
     parser.add_argument("--sids", default=None,
                         help="SIDS_DIR from `forge-ray assign` (required for a dataset folder)")
-    parser.add_argument("--out", required=True, help="MODEL_DIR to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    add_common(parser)
+    add_common(parser, "MODEL_DIR to write")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,12 +9,10 @@ from forge_ray.commands import add_common
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="canonical dataset folder whose items have embeddings")
-    parser.add_argument("--out", required=True, help="model folder to write (MODEL_DIR)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run's latest checkpoint (same run_name/storage_path); "
                              "without it an existing run is refused")
-    add_common(parser)
+    add_common(parser, "model folder to write (MODEL_DIR)", overwrite="replace an existing MODEL_DIR")
 
 
 def run(args: argparse.Namespace) -> int:
