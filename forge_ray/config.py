@@ -31,18 +31,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
     source = "command line"
     if path is not None:
         source = os.fspath(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(source, "config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(source, f"invalid YAML: {' '.join(str(e).split())}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(source, "config must be a mapping of keys to values")
-        raw = loaded
+        raw = read_yaml(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -53,6 +42,33 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
             parsed = value
         _set_dotted(raw, key.strip(), parsed, item)
     return from_dict(cls, raw, source)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: ``{}``); one-line errors name the file."""
+    source, p = os.fspath(path), Path(path)
+    if not p.is_file():
+        raise ConfigError(source, "config file not found")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(source, f"invalid YAML: {' '.join(str(e).split())}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(source, "config must be a mapping of keys to values")
+    return loaded
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s keys laid on top, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], source: str = "<config>", prefix: str = "") -> T:

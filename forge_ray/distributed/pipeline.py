@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from forge_ray.config import from_dict, require, to_dict
+from forge_ray.config import from_dict, merge, read_yaml, require, to_dict
 from forge_ray.errors import ConfigError, InputError
 from forge_ray.io import MANIFEST, read_manifest
 
@@ -78,7 +78,10 @@ def stage_class(stage: str) -> type:
 class PipelineConfig:
     """One section per stage: that stage's config fields (as in its own YAML) plus
     its inputs (``ingest.sources``: files/folders to ingest, default the synth output;
-    ``sid_metrics.with_data``: add reconstruction MSE and Embedding HitRate).
+    ``sid_metrics.with_data``: add reconstruction MSE and Embedding HitRate). A
+    section's ``config: FILE.yaml`` starts it from that stage YAML (relative to the
+    working directory, like ``--config``), the section's other keys overriding the
+    file's: the pipeline reuses the stage configs instead of copying them.
     ``synth`` absent/null: no synthetic data. ``until``: last stage to run.
     ``train_sid.rqvae.in_dim`` defaults to the dataset's embedding width."""
 
@@ -107,6 +110,10 @@ class PipelineConfig:
     def section(self, stage: str, overrides: dict[str, Any] | None = None) -> tuple[dict, Any]:
         """(inputs, typed config) of ``stage``; ``overrides`` fill keys the section lacks."""
         raw = copy.deepcopy((self.synth or {}) if stage == "synth" else getattr(self, stage))
+        if "config" in raw:
+            path = raw.pop("config")
+            require(isinstance(path, str), f"{stage}.config must be a path to the stage's YAML")
+            raw = merge(read_yaml(path), raw)
         inputs = {k: raw.pop(k) for k in INPUT_KEYS.get(stage, ()) if k in raw}
         for key, value in (overrides or {}).items():
             if value is None:

@@ -41,10 +41,37 @@ def test_every_config_has_a_stage():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
-def test_config_loads(path):
+def test_config_loads(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # pipeline sections name their stage YAMLs relative to the repo
     module, cls_name, command = STAGES[stage_of(path)]
     cls = getattr(importlib.import_module(module), cls_name)
     first = path.read_text().splitlines()[0]
     assert first.startswith(f"# {command}"), f"{path.name}: first line must be '# {command} ...'"
     cfg = load_config(cls, path)
     assert isinstance(cfg, cls)
+
+
+@pytest.mark.parametrize("config_set", ["amazon", "forge"])
+def test_pipeline_sections_are_the_stage_files(config_set, monkeypatch):
+    """The shipped pipelines reuse their stage YAMLs (``config:``) rather than copy them."""
+    from forge_ray.distributed.pipeline import PipelineConfig, stage_class
+
+    monkeypatch.chdir(REPO)
+    pipeline = load_config(PipelineConfig, f"configs/{config_set}/pipeline.yaml")
+    for stage in ("train_sid", "assign", "train_gr", "eval_gr"):
+        _, section = pipeline.section(stage)
+        assert section == load_config(stage_class(stage), f"configs/{config_set}/{stage}.yaml")
+
+
+def test_pipeline_section_overrides_its_stage_file(tmp_path, monkeypatch):
+    from forge_ray.config import ConfigError
+    from forge_ray.distributed.pipeline import PipelineConfig
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(PipelineConfig, None, [
+        "ingest.sources=[x]", "train_gr.config=configs/amazon/train_gr.yaml",
+        "train_gr.train.max_steps=7"])
+    _, gr = cfg.section("train_gr")
+    assert gr.train.max_steps == 7 and gr.train.micro_batch == 128 and gr.model.preset == "tiger"
+    with pytest.raises(ConfigError, match="no_such.yaml.*config file not found"):
+        load_config(PipelineConfig, None, ["ingest.sources=[x]", "assign.config=no_such.yaml"])
