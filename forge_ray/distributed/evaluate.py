@@ -7,6 +7,11 @@ state of each batch (:class:`~forge_ray.core.gr.metrics.RetrievalMetrics`); the
 driver merges the sums, so the result is the mean over every query, the same as a
 single-process run up to float summation order.
 
+``--data`` may instead be an AL-GR test TSV (FORGE's released test files): its rows
+are the queries as given (history SID tokens; ``;``-separated true item ids, several
+per query allowed), and the SID table supplies the trie that maps generated SIDs to
+items. Such a file holds no training interactions, so no popularity baseline.
+
 The most-popular baseline is scored on the same queries: item counts over each
 user's training part (all but the last two items of the raw sequence) come from a
 distributed ``groupby(item_id).count()`` and a distributed sort; only the top
@@ -33,7 +38,7 @@ import ray
 import ray.data
 
 from forge_ray.config import require, to_dict
-from forge_ray.core.gr.data import ItemSIDTable
+from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable
 from forge_ray.core.gr.metrics import RetrievalMetrics
 from forge_ray.core.gr.popularity import PopularityCounter
 from forge_ray.core.gr.trie import SIDTrie
@@ -110,7 +115,10 @@ class _Decoder:
         from forge_ray.core.gr.decoding import generate_sids
 
         prompts = [np.array(x, dtype=np.int64) for x in batch["input_ids"]]  # batches are read-only
-        truths = [np.asarray([t]) for t in batch["target_item"].tolist()]
+        if "target_items" in batch:  # AL-GR test rows: several true items each
+            truths = [np.asarray(t, dtype=np.int64) for t in batch["target_items"]]
+        else:
+            truths = [np.asarray([t]) for t in batch["target_item"].tolist()]
         gr = self.cfg.accumulator()
         beams = generate_sids(self.model, self.vocab, self.trie, prompts, num_beams=self.cfg.num_beams)
         gr.update_from_beams(beams, self.trie, truths)
@@ -160,21 +168,27 @@ def evaluate(cfg: EvalGRConfig, model_dir: str | os.PathLike, data: str | os.Pat
     vocab = check_vocab(model_dir, sids)
     item_ids, codes = gr_data.load_sid_arrays(sids)
     trie = SIDTrie(codes, item_ids, vocab.sizes)
-    table = ItemSIDTable(item_ids, codes) if gr_data.use_broadcast(sids, cfg.data) else None
+    algr = gr_data.is_algr(data)
+    table = ItemSIDTable(item_ids, codes) if not algr and gr_data.use_broadcast(sids, cfg.data) else None
     del item_ids, codes
-    examples = gr_data.sequence_examples(data, sids, vocab, cfg.split, cfg.data, table=table)
-    counts = gr_data.count_examples(data, sids, vocab, cfg.split, cfg.data, table=table)
+    if algr:  # queries and their true items come ready-made; no training part to count
+        examples = gr_data.algr_test_examples(data, vocab).select_columns(["input_ids", "target_items"])
+        counts = ExampleCounts(examples=examples.count())
+        counts.sequences = counts.examples
+    else:
+        examples = gr_data.sequence_examples(data, sids, vocab, cfg.split, cfg.data, table=table
+                                             ).select_columns(["input_ids", "target_item"])
+        counts = gr_data.count_examples(data, sids, vocab, cfg.split, cfg.data, table=table)
     if counts.examples == 0:
         raise InputError(data, f"no {cfg.split} examples (sequences: {counts.sequences}, "
                                f"too short: {counts.too_short})")
     if cfg.max_queries:
         examples = examples.limit(cfg.max_queries)
     max_k = cfg.accumulator().max_k
-    popular = popular_items(data, max_k) if cfg.popularity else None
+    popular = popular_items(data, max_k) if cfg.popularity and not algr else None
     # Streaming re-blocking into batch-sized blocks: a small test set read from one
     # file is a single block, which would leave all actors but one idle.
-    examples = examples.select_columns(["input_ids", "target_item"]).repartition(
-        target_num_rows_per_block=cfg.batch_size)
+    examples = examples.repartition(target_num_rows_per_block=cfg.batch_size)
     states = examples.map_batches(
         _Decoder, batch_size=cfg.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model_dir": os.fspath(Path(model_dir).resolve()),
@@ -190,8 +204,10 @@ def evaluate(cfg: EvalGRConfig, model_dir: str | os.PathLike, data: str | os.Pat
                "num_queries": gr.queries, "num_beams": cfg.num_beams, "split": cfg.split,
                "decode_actors_used": len(actors),
                "examples": asdict(counts)}
-    if cfg.popularity:
+    if popular is not None:
         metrics["popularity"] = {k: v for k, v in pop.result().items() if "@" in k}
+    elif cfg.popularity:
+        metrics["popularity_skipped"] = "an AL-GR test file holds no training interactions to count"
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_manifest(tmp, EVAL_KIND, model=os.path.abspath(model_dir), data=os.path.abspath(data),

@@ -262,15 +262,31 @@ def algr_examples(path: str | os.PathLike, vocab: SIDVocab, valid_every: int = 0
     valid_every: rows whose ``id`` hashes to 0 modulo this go to the ``valid``
         part, the rest to ``train`` (0 = everything is ``train``).
     """
+    return _read_algr(path).map_batches(_algr_table, batch_format="pyarrow",
+                                        fn_kwargs={"vocab": vocab, "source": os.fspath(path),
+                                                   "valid_every": valid_every, "part": part})
+
+
+def algr_test_examples(path: str | os.PathLike, vocab: SIDVocab) -> ray.data.Dataset:
+    """An AL-GR test TSV (answers: ``;``-separated true item ids) as query rows
+    (``input_ids``, ``target_items``). Histories are used as the file gives them."""
+    return _read_algr(path).map_batches(_algr_test_table, batch_format="pyarrow",
+                                        fn_kwargs={"vocab": vocab, "source": os.fspath(path)})
+
+
+def _read_algr(path: str | os.PathLike) -> ray.data.Dataset:
     next(iter_algr(path, block_bytes=1 << 16), None)  # header check, one-line error
     import pyarrow.csv as pacsv
 
-    ds = ray.data.read_csv(
+    return ray.data.read_csv(
         os.fspath(path), parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
         convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in ALGR_COLUMNS}))
-    return ds.map_batches(_algr_table, batch_format="pyarrow",
-                          fn_kwargs={"vocab": vocab, "source": os.fspath(path),
-                                     "valid_every": valid_every, "part": part})
+
+
+def _algr_test_table(batch: pa.Table, vocab: SIDVocab, source: str) -> pa.Table:
+    ex = parse_rows({c: batch[c].to_pylist() for c in ALGR_COLUMNS}, vocab, "items", source=source)
+    return pa.table({"input_ids": pa.array(list(ex["input_ids"]), pa.list_(pa.int64())),
+                     "target_items": pa.array(list(ex["target_items"]), pa.list_(pa.int64()))})
 
 
 def _algr_table(batch: pa.Table, vocab: SIDVocab, source: str, valid_every: int, part: str) -> pa.Table:

@@ -171,6 +171,8 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scale: ScaleConfig,
     Re-running with the same ``storage_path``/``name`` resumes from the latest
     checkpoint. Raises :class:`TrainingError` with the worker's message on failure.
     """
+    if datasets:
+        _check_room_for_data(scale)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
@@ -194,3 +196,20 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scale: ScaleConfig,
             raise root from None
         raise TrainingError(f"training run {name!r} failed: {type(root).__name__}: "
                             f"{' '.join(str(root).split())[:500]}") from e
+
+
+def _check_room_for_data(scale: ScaleConfig) -> None:
+    """Refuse a worker layout that leaves Ray Data no whole CPU (it would hang, silently).
+
+    Ray Data's file listing and read tasks ask for 1 CPU each and run beside the
+    training workers. When the cluster already holds every worker (so no autoscaling
+    is coming) but less than one CPU is left over, those tasks never start.
+    """
+    total = ray.cluster_resources().get("CPU", 0.0)
+    needed = scale.num_workers * scale.cpus_per_worker
+    if needed <= total < needed + 1:
+        raise TrainingError(
+            f"scale.num_workers ({scale.num_workers}) x scale.cpus_per_worker "
+            f"({scale.cpus_per_worker:g}) = {needed:g} of the cluster's {total:g} CPUs leaves "
+            f"{total - needed:g} for Ray Data, whose read tasks need 1; lower "
+            f"scale.cpus_per_worker (fractions are fine: torch still uses one thread per worker)")

@@ -80,3 +80,39 @@ def test_vocabulary_mismatch_is_refused(ray_cluster, tmp_path):
     with pytest.raises(InputError, match=r"codebook sizes \[8, 4, 4\].*\[4, 4, 4\]"):
         evaluate(eval_config(), tmp_path / "model", ds, sids, tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
+
+
+def test_algr_test_file_scores_like_the_dataset(ray_cluster, tmp_path):
+    """The same queries written as an AL-GR test file (answers: item ids) give the same
+    metrics; a query may list several true items."""
+    from forge_ray.core.gr.algr import write_algr
+    from forge_ray.distributed.evaluate import evaluate
+    from forge_ray.distributed.gr_data import sequence_examples
+
+    ds, sids, *_ = build_gr_data(tmp_path)
+    _, vocab = saved_model(tmp_path / "model")
+    cfg = eval_config("batch_size=8")
+    want = evaluate(cfg, tmp_path / "model", ds, sids, tmp_path / "eval_ds")
+
+    rows = sequence_examples(ds, sids, vocab, "test", cfg.data).take_all()
+    batch = {"input_ids": [np.asarray(r["input_ids"]) for r in rows],
+             "target_items": [np.asarray([r["target_item"]]) for r in rows]}
+    test_file = tmp_path / "test.tsv"
+    assert write_algr(test_file, [batch], vocab) == 40
+    got = evaluate(cfg, tmp_path / "model", test_file, sids, tmp_path / "eval_algr")
+    assert got["num_queries"] == 40 and got["invalid_rate"] == 0.0
+    assert "popularity" not in got and "training interactions" in got["popularity_skipped"]
+    for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "hr@20"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-15), key
+
+    # a second true item that is never generated halves HR (|top-K ∩ true| / |true|)
+    batch["target_items"] = [np.asarray([t[0], -5]) for t in batch["target_items"]]
+    write_algr(test_file, [batch], vocab)
+    two = evaluate(cfg, tmp_path / "model", test_file, sids, tmp_path / "eval_two")
+    assert two["hr@20"] == pytest.approx(want["hr@20"] / 2, rel=1e-12, abs=1e-15)
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("id\tsystem\tuser\tanswer\nq1\tsys\thist:C1C5C9\t\n")
+    with pytest.raises(InputError, match=r"bad.tsv: row q1: answer holds no item ids"):
+        evaluate(cfg, tmp_path / "model", bad, sids, tmp_path / "eval_bad")
+    assert not (tmp_path / "eval_bad").exists()

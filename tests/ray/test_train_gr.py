@@ -89,6 +89,7 @@ def test_two_worker_deepspeed_training_then_resume(ray_cluster, tmp_path):
 
 
 def test_bad_training_inputs(ray_cluster, tmp_path):
+    from forge_ray.distributed.train_common import TrainingError
     from forge_ray.distributed.train_gr import train_gr
     from forge_ray.errors import InputError
 
@@ -97,6 +98,11 @@ def test_bad_training_inputs(ray_cluster, tmp_path):
         train_gr(tiny_config("train.micro_batch=64"), ds, sids, tmp_path / "m")
     with pytest.raises(InputError, match="needs --sids"):
         train_gr(tiny_config(), ds, None, tmp_path / "m")
+    # workers taking every CPU of the (4-CPU) cluster would starve Ray Data's reads: a
+    # silent hang, so refused up front
+    ds, sids, *_ = build_gr_data(tmp_path / "full")
+    with pytest.raises(TrainingError, match=r"= 4 of the cluster's 4 CPUs leaves 0 for Ray Data"):
+        train_gr(tiny_config("scale.num_workers=4", "scale.cpus_per_worker=1"), ds, sids, tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
 

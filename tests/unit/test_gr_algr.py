@@ -65,3 +65,7 @@ def test_bad_files_give_one_line_errors(tmp_path):
     bad_level.write_text("id\tsystem\tuser\tanswer\nr8\tsys\thist:C1C2C16385\t1;2\n")
     with pytest.raises(InputError, match="row r8: user field: code outside"):
         list(algr.read_algr(bad_level, VOCAB, answer="items"))
+    no_items = tmp_path / "e.tsv"
+    no_items.write_text("id\tsystem\tuser\tanswer\nr9\tsys\thist:C1C8193C16385\t;\n")
+    with pytest.raises(InputError, match="e.tsv: row r9: answer holds no item ids"):
+        list(algr.read_algr(no_items, VOCAB, answer="items"))

@@ -96,6 +96,8 @@ def parse_rows(rows: dict[str, list[str]], vocab: SIDVocab, answer: AnswerKind,
                                         dtype=np.int64)
             except ValueError:
                 raise InputError(source, f"row {rid}: answer {text[:40]!r} is not ';'-separated item ids") from None
+            if not len(targets[i]):  # a query with nothing to find has no recall
+                raise InputError(source, f"row {rid}: answer holds no item ids")
         out["target_items"] = targets
     return out
 
