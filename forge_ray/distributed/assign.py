@@ -46,7 +46,8 @@ from forge_ray.core.sid.collisions import CollisionConfig, group_levels, resolve
 from forge_ray.core.sid.export import SidTableWriter, SidTokenWriter
 from forge_ray.data.schema import DEFAULT_ROWS_PER_SHARD, embeddings_to_numpy
 from forge_ray.distributed.dataset import dataset_manifest, read_items
-from forge_ray.errors import ConfigError, ForgeRayError, InputError
+from forge_ray.distributed.remote_errors import surface_user_errors
+from forge_ray.errors import ConfigError, InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
 
 SIDS_KIND = "sids"
@@ -133,20 +134,6 @@ def quantizer_dim(q: Quantizer) -> int:
 
 def partitions_for(rows: int, configured: int = 0) -> int:
     return configured or max(1, math.ceil(rows / ROWS_PER_PARTITION))
-
-
-def user_error(exc: BaseException) -> ForgeRayError | None:
-    """The ForgeRayError a Ray task raised, unwrapped from Ray's exception wrappers
-    (whose message carries the remote traceback) so that it prints as one line."""
-    from ray.exceptions import RayError
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, ForgeRayError) and not isinstance(exc, RayError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
 
 
 # ----------------------------------------------------------------------------- actors
@@ -275,15 +262,10 @@ def assign(model_dir: str | os.PathLike, dataset: str | os.PathLike, out: str | 
             fn_kwargs={"cfg": coll, "n_levels": len(sizes), "last_size": sizes[-1]})
 
     with atomic_dir(out, overwrite) as tmp:
-        try:
+        with surface_user_errors():
             # whole shards, not one small file per batch-sized block
             resolved.write_parquet(str(tmp), min_rows_per_file=DEFAULT_ROWS_PER_SHARD)
             stats = _verify(tmp, n_in, sizes, coll.strategy, parts, cfg.export)
-        except Exception as e:  # surface our own one-line errors raised inside Ray tasks
-            err = user_error(e)
-            if err is not None:
-                raise err from None
-            raise
         return write_manifest(
             tmp, SIDS_KIND, model=os.fspath(Path(model_dir).resolve()),
             dataset=os.fspath(Path(dataset).resolve()), sizes=stats["sid_sizes"], code_sizes=sizes,

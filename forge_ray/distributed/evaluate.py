@@ -45,6 +45,7 @@ from forge_ray.core.gr.trie import SIDTrie
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.distributed import gr_data
 from forge_ray.distributed.dataset import read_sequences
+from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
 
@@ -166,6 +167,12 @@ def evaluate(cfg: EvalGRConfig, model_dir: str | os.PathLike, data: str | os.Pat
     if out.exists() and not overwrite:
         raise InputError(out, "output already exists (pass --overwrite to replace it)")
     vocab = check_vocab(model_dir, sids)
+    with surface_user_errors():  # a bad row found by a Ray task reads as one line
+        return _evaluate(cfg, vocab, model_dir, data, sids, out, overwrite)
+
+
+def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Path,
+              overwrite: bool) -> dict:
     item_ids, codes = gr_data.load_sid_arrays(sids)
     trie = SIDTrie(codes, item_ids, vocab.sizes)
     algr = gr_data.is_algr(data)

@@ -38,8 +38,9 @@ from forge_ray.core.sid.plots import plot_code_usage, plot_sid_distribution
 from forge_ray.data.schema import embedding_array, embeddings_to_numpy
 from forge_ray.distributed.assign import (SIDS_KIND, ActorPoolConfig, QuantizerActor, list_codes,
                                           load_model, partitions_for, quantizer_dim,
-                                          read_sid_table, user_error)
+                                          read_sid_table)
 from forge_ray.distributed.dataset import dataset_manifest, read_items, read_sequences
+from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
 
@@ -352,7 +353,7 @@ def sid_metrics(sids_dir: str | os.PathLike, out: str | os.PathLike,
     table = read_sid_table(sids_dir)
     parts = partitions_for(manifest["counts"]["items"], cfg.partitions)
     with atomic_dir(out, overwrite) as tmp:
-        try:
+        with surface_user_errors():
             counts = key_counts(table, code_sizes, suffix, parts)
             if counts.hist[0].size > 2:
                 raise InputError(sids_dir, "SID table names some item more than once")
@@ -366,11 +367,6 @@ def sid_metrics(sids_dir: str | os.PathLike, out: str | os.PathLike,
                 "strategy": manifest["strategy"], "sizes": sizes, "raw": raw, "final": final}
             if dataset is not None:
                 metrics.update(_data_metrics(sids_dir, table, manifest, dataset, cfg, parts))
-        except Exception as e:  # surface our own one-line errors raised inside Ray tasks
-            err = user_error(e)
-            if err is not None:
-                raise err from None
-            raise
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         for name, hist, title in (("sid_distribution.png", counts.hist[2], "final SIDs"),
                                   ("sid_distribution_raw.png", counts.hist[1], "raw codes")):

@@ -303,6 +303,7 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
     """Train and write MODEL_DIR; returns its manifest. Needs a Ray connection."""
     import ray
 
+    from forge_ray.distributed.remote_errors import surface_user_errors
     from forge_ray.distributed.train_common import TrainingError, deepspeed_config, fingerprint, fit
     from forge_ray.io import atomic_dir, write_manifest
 
@@ -311,7 +312,8 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
     if out.exists() and not overwrite:
         raise InputError(out, "output already exists (pass --overwrite to replace it)")
     t, scale = cfg.train, cfg.scale
-    vocab, train_ds, valid_rows, counts, trie = _example_inputs(cfg, data, sids)
+    with surface_user_errors():  # a bad row found by a Ray task reads as one line
+        vocab, train_ds, valid_rows, counts, trie = _example_inputs(cfg, data, sids)
     world = scale.num_workers
     per_step = t.micro_batch * t.grad_accum * world
     if counts.examples < per_step:
