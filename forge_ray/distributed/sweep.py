@@ -254,7 +254,9 @@ def write_report(rows: list[dict], cfg: SweepConfig, out: Path) -> dict:
     ok = df[df["status"] == "ok"] if "status" in df else df.iloc[:0]
     report: dict[str, Any] = {"trials": len(df), "finished": int(len(ok)),
                               "stopped_early": int((df["status"] == "stopped early").sum()),
-                              "failed": df[df["status"] == "failed"][["trial", "error"]].to_dict("records"),
+                              # (no trial failed: the table has no error column)
+                              "failed": df[df["status"] == "failed"].reindex(
+                                  columns=["trial", "error"]).to_dict("records"),
                               "select_metric": cfg.select_metric, "gr_target": GR_TARGET,
                               "spearman": {}, "plots": []}
     if len(ok):
