@@ -193,6 +193,11 @@ class ScaleConfig:
     ``deepspeed_config`` names a JSON file (relative paths resolve against the repo's
     ``cluster/deepspeed/``); batch sizes, lr and precision are filled in from the
     stage config, so one JSON serves every model size.
+
+    ``cache_mb``: a training dataset estimated below this many MiB is built once and
+    kept in the object store (spilled to disk if that fills); a larger one streams
+    from Parquet every epoch. Re-running the read and transform costs seconds per
+    epoch, which dominates small runs of many short epochs. 0 = always stream.
     """
 
     num_workers: int = 2
@@ -202,9 +207,11 @@ class ScaleConfig:
     max_failures: int = 1          # worker crashes survived by restarting from the last checkpoint
     checkpoint_every: int = 100    # optimizer steps between checkpoints
     keep_checkpoints: int = 2
+    cache_mb: int = 256
 
     def __post_init__(self):
         require(self.num_workers >= 1, "scale.num_workers must be >= 1")
+        require(self.cache_mb >= 0, "scale.cache_mb must be >= 0")
         require(self.cpus_per_worker > 0, "scale.cpus_per_worker must be > 0")
         require(self.max_failures >= 0, "scale.max_failures must be >= 0")
         require(self.checkpoint_every >= 1, "scale.checkpoint_every must be >= 1")

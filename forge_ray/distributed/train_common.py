@@ -213,3 +213,14 @@ def _check_room_for_data(scale: ScaleConfig) -> None:
             f"({scale.cpus_per_worker:g}) = {needed:g} of the cluster's {total:g} CPUs leaves "
             f"{total - needed:g} for Ray Data, whose read tasks need 1; lower "
             f"scale.cpus_per_worker (fractions are fine: torch still uses one thread per worker)")
+
+
+def cached_if_small(ds: "ray.data.Dataset", estimate_mb: float, scale: ScaleConfig) -> "ray.data.Dataset":
+    """``ds`` executed once into the object store when ``estimate_mb`` <= ``scale.cache_mb``
+    (each epoch then reads blocks, not files), else ``ds`` itself (streamed per epoch)."""
+    from forge_ray.distributed.remote_errors import surface_user_errors
+
+    if estimate_mb > scale.cache_mb:
+        return ds
+    with surface_user_errors():  # a bad row found while building reads as one line
+        return ds.materialize()

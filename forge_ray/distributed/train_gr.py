@@ -57,10 +57,6 @@ class GROptimConfig:
         scores validation loss only (no trie needed).
     early_stop_metric: ``valid_loss`` (lower is better) or a ``recall@K`` / ``ndcg@K``.
     patience: validations without improvement before stopping (0 = never stop early).
-    cache_mb: training examples estimated below this many MiB are built once and kept
-        in the object store (spilled to disk if it fills); larger sets stream from
-        Parquet every epoch. Re-running the read and example building costs seconds
-        per epoch, which dominates small runs of many epochs. 0 = always stream.
     """
 
     lr: float = 1e-3
@@ -79,7 +75,6 @@ class GROptimConfig:
     log_every: int = 20
     shuffle_buffer: int = 4096
     seed: int = 0
-    cache_mb: int = 256
 
     def __post_init__(self):
         require(self.lr > 0 and self.weight_decay >= 0, "train.lr must be > 0 and weight_decay >= 0")
@@ -94,8 +89,7 @@ class GROptimConfig:
                 f"train.early_stop_metric must be one of {sorted(allowed)}")
         require(self.early_stop_metric == "valid_loss" or self.valid_beams > 0,
                 "train.early_stop_metric needs train.valid_beams > 0 unless it is valid_loss")
-        require(self.patience >= 0 and self.shuffle_buffer >= 0 and self.cache_mb >= 0,
-                "train.patience/shuffle_buffer/cache_mb must be >= 0")
+        require(self.patience >= 0 and self.shuffle_buffer >= 0, "train.patience/shuffle_buffer must be >= 0")
 
 
 @dataclass
@@ -310,7 +304,8 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
     import ray
 
     from forge_ray.distributed.remote_errors import surface_user_errors
-    from forge_ray.distributed.train_common import TrainingError, deepspeed_config, fingerprint, fit
+    from forge_ray.distributed.train_common import (TrainingError, cached_if_small, deepspeed_config,
+                                                    fingerprint, fit)
     from forge_ray.io import atomic_dir, write_manifest
 
     out, data = Path(out), os.fspath(data)
@@ -327,9 +322,7 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
                                f"({per_step}); lower train.micro_batch or scale.num_workers")
     # int64 history tokens (+ eos) and labels per example, an upper bound of its size
     example_mb = counts.examples * ((cfg.data.max_history + 1) * vocab.n_levels + 3) * 8 / 2**20
-    if example_mb <= t.cache_mb:
-        with surface_user_errors():
-            train_ds = train_ds.materialize()
+    train_ds = cached_if_small(train_ds, example_mb, scale)
     total = (counts.examples // per_step) * t.epochs
     total = min(total, t.max_steps) if t.max_steps else total
     valid = {"input_ids": [np.asarray(r["input_ids"], np.int64) for r in valid_rows],
@@ -349,7 +342,7 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
             "run_dir": os.fspath((storage / cfg.run.name / "logs").resolve()),
             "fingerprint": fingerprint(shape), "valid_ref": ray.put(valid), "trie_ref": ray.put(trie)}
     print(f"[train-gr] {counts.examples:,} training examples "
-          f"({'cached' if example_mb <= t.cache_mb else 'streamed'}, <= {example_mb:,.1f} MiB), "
+          f"({'cached' if example_mb <= scale.cache_mb else 'streamed'}, <= {example_mb:,.1f} MiB), "
           f"{total} optimizer steps of {per_step}, "
           f"{count_parameters(cfg.model, vocab):,} parameters, {world} workers", flush=True)
     result = fit(_worker, loop, scale, storage, cfg.run.name,
