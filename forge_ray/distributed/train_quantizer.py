@@ -205,10 +205,10 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
         model.init_codebooks(sample)
     datasets, has_pairs = sid_outputs.training_datasets(dataset, manifest,
                                                         run_dir / "forge_ray" / "pair_embeddings")
-    row_mb = {"train": manifest["embedding_dim"] * 4 / 2**20,   # one float32 embedding
-              "pairs": 2 * manifest["embedding_dim"] * 4 / 2**20}
-    counts = {"train": items, "pairs": int(manifest["counts"].get("pairs") or 0)}
-    datasets = {k: cached_if_small(ds, counts[k] * row_mb[k], cfg.scale) for k, ds in datasets.items()}
+    embedding_mb = manifest["embedding_dim"] * 4 / 2**20  # one float32 embedding
+    embeddings = {"train": items, "pairs": 2 * int(manifest["counts"].get("pairs") or 0)}
+    datasets = {k: cached_if_small(ds, embeddings[k] * embedding_mb, cfg.scale)
+                for k, ds in datasets.items()}
     loop = {
         "rqvae": to_dict(cfg.rqvae), "train": to_dict(train), "init_state": model.state_dict(),
         "total_steps": total, "warmup_steps": warmup, "checkpoint_every": cfg.scale.checkpoint_every,
