@@ -49,6 +49,14 @@ def ray_cluster():
 
 @pytest.fixture
 def shared_data() -> Path:
+    """The real data samples in ../shared/data.
+
+    A clone without them skips the real-data tests (with the reason); under CI
+    (``CI=true``) their absence is a failure, so CI never passes without running them.
+    """
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"{SHARED_DATA} is missing: tests read the real samples from ../shared/data")
+        why = f"{SHARED_DATA} is missing: real-data tests read the samples from ../shared/data"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(why)
+        pytest.skip(why)
     return SHARED_DATA
