@@ -17,14 +17,26 @@ The one pickled member FORGE uses (``itemEncID``, a dict item id -> row) is read
 needs to rebuild a 0-d object array; anything else (``os.system``, ``eval``, ...) is
 refused before it is called.
 
+Hostile sizes are refused before anything is allocated (one-line InputError naming
+the file and member): a member's declared array bytes (shape x itemsize) must fit in
+what the zip member can hold - its stored size, or for deflated members the zip
+header's uncompressed size and at most :data:`MAX_DEFLATE_RATIO` times the
+compressed size; a member may not declare more rows than it has bytes (zero-width
+rows would otherwise let a 1 KB file plan 10^12 rows); and every length a pickle
+declares (bytes, strings, big ints, frames) must fit in the bytes left in its stream,
+and an array it rebuilds must hold exactly the elements it supplies.
+
 :class:`NpzWriter` writes npz archives member by member (ZIP64, stored), streaming
 row blocks so that millions of rows never sit in memory at once.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -37,6 +49,9 @@ from numpy.lib import format as npformat
 from forge_ray.errors import InputError
 
 _READ_BLOCK = 16 << 20  # bytes decompressed and discarded per step when skipping
+# Deflate cannot expand its input more than ~1032x (a 258-byte match per ~2 bits), so
+# a deflated member claiming more is lying about its size.
+MAX_DEFLATE_RATIO = 1032
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,9 @@ def members(path: str | os.PathLike) -> dict[str, NpyInfo]:
 def _member_info(path: str, zf: zipfile.ZipFile, raw, zi: zipfile.ZipInfo,
                  file_size: int) -> NpyInfo:
     name = zi.filename[:-4]
+    if zi.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise InputError(path, f"member {name!r} uses zip compression method {zi.compress_type}; "
+                               "only stored or deflated members (np.savez, np.savez_compressed) are read")
     compressed = zi.compress_type != zipfile.ZIP_STORED
     try:
         with zf.open(zi) as f:
@@ -96,11 +114,21 @@ def _member_info(path: str, zf: zipfile.ZipFile, raw, zi: zipfile.ZipInfo,
             header_len = f.tell()
     except (ValueError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(path, f"member {name!r} has no valid .npy header ({e})") from None
-    n_items = int(np.prod(shape, dtype=np.int64))
+    # Python ints: a hostile shape must not overflow int64 into a small number
+    n_items = math.prod(int(s) for s in shape)
     need = header_len + (0 if dtype.hasobject else n_items * dtype.itemsize)
     if zi.file_size < need:
         raise InputError(path, f"member {name!r} is truncated: {zi.file_size} bytes, "
                                f"its header promises {need}")
+    if compressed and need > zi.compress_size * MAX_DEFLATE_RATIO + 1024:
+        raise InputError(path, f"member {name!r} declares {need} bytes but holds {zi.compress_size} "
+                               f"compressed bytes (more than deflate's {MAX_DEFLATE_RATIO}x can expand to)")
+    rows = int(shape[0]) if shape else 1
+    # rows of no data bytes (zero width, or pickled objects) escape the checks above,
+    # yet a planner allocates per row; each costs at least a byte in any real file
+    if (dtype.hasobject or need == header_len) and rows > max(1, zi.compress_size):
+        raise InputError(path, f"member {name!r} declares {rows} rows of shape {tuple(shape[1:])} "
+                               f"in {zi.compress_size} bytes (a hostile or broken header)")
     offset = header_len
     if not compressed:
         # The local file header (30 bytes + name + extra) precedes the member data;
@@ -185,12 +213,36 @@ def _skip(f, n: int) -> None:
 
 # --------------------------------------------------------------------------- pickles
 
+class _CheckedArray(np.ndarray):
+    """What an unpickled ``ndarray`` is rebuilt as: its ``__setstate__`` refuses a
+    declared shape that the supplied data does not fill before numpy allocates it (an
+    object array of 10^12 elements from a one-element list would be 8 TB)."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("malformed numpy array state")
+        shape, dtype, data = state[-4], state[-3], state[-1]
+        try:
+            n = math.prod(int(s) for s in shape)
+        except TypeError:
+            raise pickle.UnpicklingError(f"malformed numpy array shape {shape!r}") from None
+        dtype = np.dtype(dtype)
+        have, want = (len(data), n) if dtype.hasobject else (len(data), n * dtype.itemsize)
+        if have != want:
+            raise pickle.UnpicklingError(f"array of shape {tuple(shape)} declared with "
+                                         f"{have} {'elements' if dtype.hasobject else 'bytes'} of data")
+        super().__setstate__(state)
+
+
 def _safe_reconstruct(subtype, shape, dtype):
     from numpy._core.multiarray import _reconstruct
 
     if subtype is not np.ndarray:
         raise pickle.UnpicklingError("only plain numpy arrays may be rebuilt")
-    return _reconstruct(subtype, shape, dtype)
+    # numpy pickles the (0,) placeholder that __setstate__ then fills
+    if tuple(shape) != (0,):
+        raise pickle.UnpicklingError(f"unexpected array placeholder shape {shape!r}")
+    return _reconstruct(_CheckedArray, shape, dtype)
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
@@ -211,7 +263,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     ``find_class`` is the only way a pickle can reach a callable; it returns the
     numpy functions ``np.save`` uses for a 0-d object array and refuses every other
     global, so a malicious ``__reduce__`` (``os.system``, ``builtins.eval``, ...) is
-    rejected before anything runs.
+    rejected before anything runs. Sizes are bounded by :func:`check_pickle_sizes`
+    (run it on the payload first) and by the rebuilt arrays' own checks.
     """
 
     _ALLOWED: dict[tuple[str, str], Any] | None = None
@@ -225,11 +278,30 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refused global {module}.{name}") from None
 
 
+def check_pickle_sizes(payload: bytes) -> None:
+    """Refuse a pickle any of whose declared lengths exceeds the bytes left in it.
+
+    The C unpickler allocates a ``BINBYTES8``/``BINUNICODE8``/``FRAME``/``LONG4``...
+    object of the declared length *before* reading it, so a few bytes declaring
+    10^12 would be a MemoryError (or an OOM kill). ``pickletools.genops`` walks the
+    opcodes without building anything and reads each argument from an in-memory
+    stream, which fails (ValueError) when fewer bytes remain than declared. Cost
+    ~1.3 s per million dict entries; memory O(1) beyond ``payload``.
+    """
+    try:
+        for _ in pickletools.genops(io.BytesIO(payload)):
+            pass
+    except ValueError as e:
+        raise pickle.UnpicklingError(f"declared size exceeds the data: {e}") from None
+
+
 def read_pickled(path: str | os.PathLike, info: NpyInfo) -> Any:
     """Unpickle an object member (``np.save(..., allow_pickle=True)``) safely.
 
     Returns the 0-d array's object (``.item()``) or the array itself. The whole
-    payload is read into memory: a pickled dict of N ints costs ~100 B per entry.
+    payload is read into memory (bounded by the member's real data; see
+    :func:`members`), size-checked by :func:`check_pickle_sizes`, then unpickled: a
+    pickled dict of N ints costs ~100 B per entry.
     """
     path = os.fspath(path)
     if not info.dtype.hasobject:
@@ -237,14 +309,18 @@ def read_pickled(path: str | os.PathLike, info: NpyInfo) -> Any:
     try:
         with zipfile.ZipFile(path) as zf, zf.open(info.zip_name) as f:
             _skip(f, info.header_len)
-            obj = RestrictedUnpickler(f).load()
+            payload = f.read()
+        check_pickle_sizes(payload)
+        obj = RestrictedUnpickler(io.BytesIO(payload)).load()
+        del payload
     except pickle.UnpicklingError as e:
         raise InputError(path, f"member {info.name!r}: unsafe or invalid pickle ({e})") from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError, AttributeError,
             IndexError, KeyError, zlib.error) as e:
         raise InputError(path, f"member {info.name!r}: corrupt pickle ({type(e).__name__}: {e})") from None
-    if isinstance(obj, np.ndarray) and obj.shape == ():
-        return obj.item()
+    if isinstance(obj, np.ndarray):
+        obj = obj.view(np.ndarray)  # a plain array, not the checking subclass
+        return obj.item() if obj.shape == () else obj
     return obj
 
 

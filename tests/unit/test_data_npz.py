@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import struct
 import zipfile
 
 import numpy as np
@@ -249,3 +251,104 @@ def test_unrecognised_npz(tmp_path):
     with pytest.raises(InputError, match="unrecognised npz") as err:
         sources.detect(path)
     _one_line(err, path)
+
+
+# ----------------------------------------------------------------- hostile sizes
+
+def _npy_header(shape, dtype) -> bytes:
+    from numpy.lib import format as npformat
+
+    buf = io.BytesIO()
+    npformat.write_array_header_1_0(buf, {"descr": npformat.dtype_to_descr(np.dtype(dtype)),
+                                          "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def lying_rows_npz(path, rows: int = 10**12):
+    """A ~400-byte FORGE reconstruction npz whose deflated members declare ``rows``
+    rows, the zip directory agreeing (ZIP64 uncompressed size faked)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, shape, dtype in (("ids", (rows,), np.int64), ("embeds", (rows, 8), np.float32)):
+            header = _npy_header(shape, dtype)
+            zf.writestr(f"{name}.npy", header + bytes(64))
+            zf.filelist[-1].file_size = len(header) + rows * int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+    return path
+
+
+def binbytes8_npz(path, declared: int = 10**12):
+    """A FORGE contrastive npz whose itemEncID pickle is one BINBYTES8 opcode
+    declaring ``declared`` bytes followed by 16."""
+    pickled = b"\x80\x04\x8e" + struct.pack("<Q", declared) + b"x" * 16 + b"."
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("itemEncID.npy", _npy_header((), object) + pickled)
+        zf.writestr("pairs.npy", _npy_header((0, 2), np.int64))
+        zf.writestr("embeds.npy", _npy_header((1, 4), np.float32) + bytes(16))
+    return path
+
+
+def test_deflated_member_declaring_more_than_deflate_can_hold(tmp_path):
+    path = lying_rows_npz(tmp_path / "r.npz")
+    assert path.stat().st_size < 2000
+    with pytest.raises(InputError, match=r"member 'ids' declares 8000000000128 bytes but holds \d+ "
+                                         "compressed bytes") as err:
+        sources.plan(path, sources.detect(path), 65_536)
+    _one_line(err, path)
+
+
+def test_highly_compressed_zeros_still_read(tmp_path):
+    """Deflate's real best case (~1030x on zeros) stays under the bound."""
+    path = tmp_path / "z.npz"
+    np.savez_compressed(path, ids=np.arange(4), embeds=np.zeros((4, 2_000_000), np.float32))
+    info = npz.members(path)["embeds"]
+    assert info.shape == (4, 2_000_000)
+    assert not npz.read_rows(path, info, 3, 4).any()
+
+
+def test_zero_width_rows_beyond_the_file_refused(tmp_path):
+    path = tmp_path / "w.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("embeds.npy", _npy_header((10**12, 0), np.float32))
+    with pytest.raises(InputError, match=r"member 'embeds' declares 1000000000000 rows of shape \(0,\)") as err:
+        npz.members(path)
+    _one_line(err, path)
+    np.savez(path, embeds=np.zeros((5, 0), np.float32))  # a real zero-width array is fine
+    assert npz.members(path)["embeds"].shape == (5, 0)
+
+
+def test_other_zip_compression_refused(tmp_path):
+    path = tmp_path / "b.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_BZIP2) as zf:
+        zf.writestr("ids.npy", _npy_header((2,), np.int64) + bytes(16))
+    with pytest.raises(InputError, match="member 'ids' uses zip compression method 12") as err:
+        npz.members(path)
+    _one_line(err, path)
+
+
+def test_pickle_declaring_huge_bytes_refused_before_allocating(tmp_path):
+    path = binbytes8_npz(tmp_path / "c.npz")
+    with pytest.raises(InputError, match=r"member 'itemEncID': unsafe or invalid pickle \(declared size "
+                                         r"exceeds the data: expected 1000000000000 bytes") as err:
+        sources.plan(path, sources.detect(path), 65_536)
+    _one_line(err, path)
+
+
+class _HugeObjectArray:
+    """Pickles as numpy's own array reduce, but with a shape of 10^12 elements and a
+    one-element list: numpy would allocate 8 TB before noticing the mismatch."""
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (10**12,), np.dtype(object), False, [1]))
+
+
+def test_pickled_array_shape_must_match_its_data():
+    payload = pickle.dumps({1: _HugeObjectArray()}, protocol=3)
+    with pytest.raises(pickle.UnpicklingError, match=r"shape \(1000000000000,\) declared with 1 elements"):
+        npz.RestrictedUnpickler(io.BytesIO(payload)).load()
+    # numpy's own pickles (what np.save writes) still load, as plain arrays
+    arr = np.arange(6, dtype=np.int16).reshape(2, 3)
+    out = npz.RestrictedUnpickler(io.BytesIO(pickle.dumps({"a": arr, "o": np.array([None, 1])}, protocol=3))).load()
+    np.testing.assert_array_equal(out["a"], arr)
+    assert list(out["o"]) == [None, 1]
