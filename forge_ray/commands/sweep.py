@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="canonical dataset with item embeddings "
                                                      "(default: the config's data:)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted sweep in --out (finished trials are kept)")
+                        help="continue an interrupted sweep in --out (ended trials are kept, not rerun)")
     add_common(parser, "sweep folder (results, report, Tune experiment)", overwrite=None)
 
 

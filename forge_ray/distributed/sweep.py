@@ -9,17 +9,19 @@
    :func:`~forge_ray.distributed.sweep_trial.quantizer_trial`: quantizer training
    with per-epoch ``recon_mse`` reports (ASHA stops the worst early), SID assignment
    with the trial's collision strategy, and the SID metrics. A trial whose config
-   point fails is recorded as failed and the sweep goes on (no fail-fast).
-3. With ``gr.top_k > 0`` the best trials by ``select_metric`` each train a tiny GR
-   model (Ray tasks, in parallel) and get Recall/NDCG@5/10.
+   point fails is recorded as failed and the sweep goes on (no fail-fast); one ASHA
+   stops is recorded as ``stopped early`` with the metrics of its last epoch
+   (:func:`trial_row`).
+3. With ``gr.top_k > 0`` the best finished trials by ``select_metric`` each train a
+   tiny GR model (Ray tasks, in parallel) and get Recall/NDCG@5/10.
 4. The report: results table (CSV + Parquet), best config (YAML), Spearman
    correlation of each SID metric with GR recall@10 across trials (JSON + Markdown)
    and one scatter PNG per metric: our own test of FORGE's claim that Gini and
    Embedding HitRate predict GR quality.
 
 Resume: the Tune experiment lives in ``OUT/tune``; ``resume`` continues it with
-``Tuner.restore`` (finished trials are kept, unfinished ones continue from their
-last epoch checkpoint, failed ones are not retried).
+``Tuner.restore`` (finished and stopped-early trials are kept, unfinished ones
+continue from their last epoch checkpoint, failed ones are not retried).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import numpy as np
 import yaml
 
 from forge_ray.config import from_dict, require, to_dict
-from forge_ray.distributed.sweep_trial import Sample, SweepGRConfig, TrialParams, gr_trial, quantizer_trial
+from forge_ray.distributed.sweep_trial import (COMPLETE, Sample, SweepGRConfig, TrialParams, gr_trial,
+                                              quantizer_trial)
 from forge_ray.errors import ConfigError, InputError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -197,33 +200,62 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike, resume: bool = False) ->
         params = r.config
         if not params and r.path and (Path(r.path) / "params.json").is_file():
             params = json.loads((Path(r.path) / "params.json").read_text())  # errored trials
-        row = {"trial": Path(r.path).name if r.path else f"trial_{i}", **to_dict(cfg.base),
-               **(params or {})}
-        if r.error is not None:
-            lines = [ln.strip() for ln in str(r.error).splitlines() if ln.strip()]
-            row.update(status="failed", error=lines[-1][:300] if lines else type(r.error).__name__)
-        else:
-            m = r.metrics or {}
-            row.update({k: m.get(k) for k in ("epoch", *SID_METRICS, "final_unique_sid_ratio", "moved",
-                                              "fallback")},
-                       status="ok" if m.get("done") else "stopped early")
-            row["_sids"] = os.path.join(r.checkpoint.path, "sids.npz") if r.checkpoint and m.get("done") else None
-        rows.append(row)
+        name = Path(r.path).name if r.path else f"trial_{i}"
+        rows.append(trial_row(name, {**to_dict(cfg.base), **(params or {})}, r.metrics, r.error,
+                              r.checkpoint.path if r.checkpoint else None))
+    unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
+    if unfinished:  # Ctrl+C: Tune saved its state and returned early; a report now would be partial
+        raise InputError(tune_dir / cfg.name, f"sweep interrupted with {len(unfinished)} unfinished "
+                                              "trial(s); rerun with --resume to continue it")
     _gr_stage(rows, sample, cfg)
     return write_report(rows, cfg, out)
 
 
+TRIAL_METRICS = ("epoch", *SID_METRICS, "final_unique_sid_ratio", "moved", "fallback")
+
+
+def trial_row(name: str, params: dict, metrics: dict | None, error: BaseException | None,
+              checkpoint: str | None) -> dict:
+    """One results-table row from what Tune kept of a trial (plain values, no Ray).
+
+    ``status`` is one of: ``ok`` (ran to its end: its last report has the SID metrics,
+    marked :data:`COMPLETE`, and its checkpoint the SIDs, kept as ``_sids``);
+    ``stopped early`` (the scheduler ended it: the metrics of its last report, e.g.
+    ``epoch`` and ``recon_mse``, the others None); ``failed`` (``error``, no metrics);
+    ``unfinished`` (neither: the sweep was interrupted before Tune ended it).
+    """
+    row = {"trial": name, **params}
+    if error is not None:
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        return {**row, "status": "failed", "error": lines[-1][:300] if lines else type(error).__name__}
+    m = metrics or {}
+    complete = bool(m.get(COMPLETE))
+    # Tune sets "done" on every trial it ends (finished or stopped by the scheduler).
+    status = "ok" if complete else "stopped early" if m.get("done") else "unfinished"
+    sids = os.path.join(checkpoint, "sids.npz") if complete and checkpoint else None
+    return {**row, **{k: m.get(k) for k in TRIAL_METRICS}, "status": status, "_sids": sids}
+
+
+def gr_candidates(rows: list[dict], cfg: SweepConfig) -> list[dict]:
+    """The ``gr.top_k`` finished trials with saved SIDs, best ``select_metric`` first;
+    a trial without a (finite) value of that metric is never ranked."""
+    def ranked(r: dict) -> bool:
+        v = r.get(cfg.select_metric)
+        return r["status"] == "ok" and bool(r.get("_sids")) and v is not None and math.isfinite(v)
+
+    done = sorted(filter(ranked, rows), key=lambda r: r[cfg.select_metric], reverse=cfg.select_mode == "max")
+    return done[: cfg.gr.top_k]
+
+
 def _gr_stage(rows: list[dict], sample: Sample, cfg: SweepConfig) -> None:
-    """Train + evaluate a tiny GR model on the ``gr.top_k`` best finished trials."""
+    """Train + evaluate a tiny GR model on :func:`gr_candidates` (Ray tasks)."""
     import ray
 
-    done = [r for r in rows if r["status"] == "ok" and r.get("_sids")]
-    if not cfg.gr.top_k or not done:
+    picked = gr_candidates(rows, cfg)
+    if not picked:
         return
-    done.sort(key=lambda r: r[cfg.select_metric], reverse=cfg.select_mode == "max")
     task = ray.remote(num_cpus=cfg.gr.cpus)(gr_trial)
     ref = ray.put(sample)
-    picked = done[: cfg.gr.top_k]
     results = ray.get([task.remote(r["_sids"], ref, cfg.gr, r.get("seed", 0)) for r in picked])
     for r, m in zip(picked, results):
         r.update(m)
@@ -249,6 +281,8 @@ def write_report(rows: list[dict], cfg: SweepConfig, out: Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+    # A metric no trial reached (e.g. every trial stopped early) is a NaN column, not text.
+    df = df.astype({c: float for c in df.columns if df[c].dtype == object and df[c].isna().all()})
     df.to_csv(out / "results.csv", index=False)
     df.astype({c: str for c in df.columns if df[c].dtype == object}).to_parquet(out / "results.parquet")
     ok = df[df["status"] == "ok"] if "status" in df else df.iloc[:0]
@@ -259,8 +293,9 @@ def write_report(rows: list[dict], cfg: SweepConfig, out: Path) -> dict:
                                   columns=["trial", "error"]).to_dict("records"),
                               "select_metric": cfg.select_metric, "gr_target": GR_TARGET,
                               "spearman": {}, "plots": []}
-    if len(ok):
-        best = ok.sort_values(cfg.select_metric, ascending=cfg.select_mode == "min").iloc[0]
+    ranked = ok[ok[cfg.select_metric].notna()] if cfg.select_metric in ok else ok.iloc[:0]
+    if len(ranked):
+        best = ranked.sort_values(cfg.select_metric, ascending=cfg.select_mode == "min").iloc[0]
         params = {f.name: _plain(best[f.name]) for f in dataclasses.fields(TrialParams)}
         (out / "best_config.yaml").write_text(
             f"# best trial {best['trial']} by {cfg.select_metric} ({cfg.select_mode})\n"
@@ -291,9 +326,17 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
+def _cell(v) -> str:
+    """A Markdown table cell: a metric the trial never reached (NaN) shows as '-'."""
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
 def _markdown(report: dict, df) -> str:
     lines = ["# Sweep report\n", f"{report['trials']} trials: {report['finished']} finished, "
-             f"{report['stopped_early']} stopped early by ASHA, {len(report['failed'])} failed.\n"]
+             f"{report['stopped_early']} stopped early by the scheduler (metrics of their last "
+             f"epoch), {len(report['failed'])} failed.\n"]
     if report.get("best"):
         lines.append(f"Best by {report['select_metric']}: {report['best']['trial']} "
                      f"({report['best'][report['select_metric']]:.4f}).\n")
@@ -307,5 +350,5 @@ def _markdown(report: dict, df) -> str:
                         GR_TARGET, "pop_recall@10") if c in df]
     lines += ["## Trials\n", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n"

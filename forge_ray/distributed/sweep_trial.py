@@ -27,6 +27,9 @@ import numpy as np
 from forge_ray.config import require
 
 STRATEGIES = ("none", "suffix", "cap", "random", "sinkhorn")
+# The key of a trial's last report, the one with the SID metrics. Not Tune's ``done``:
+# Tune sets that on every trial it ends, also on one ASHA stops early.
+COMPLETE = "sid_metrics_done"
 
 
 @dataclasses.dataclass
@@ -155,8 +158,8 @@ def sid_metrics(q, p: TrialParams, s: Sample, hitrate_topk: int) -> tuple[dict, 
 
 def quantizer_trial(config: dict, sample_ref, base: dict, hitrate_topk: int) -> None:
     """The Tune function trainable: resumes from its last epoch checkpoint, reports
-    ``recon_mse`` every epoch and the SID metrics at the end (with the SIDs saved in
-    the final checkpoint for the GR stage)."""
+    ``recon_mse`` every epoch and the SID metrics at the end (marked :data:`COMPLETE`,
+    with the SIDs saved in the final checkpoint for the GR stage)."""
     import ray
     from ray import tune
 
@@ -180,7 +183,7 @@ def quantizer_trial(config: dict, sample_ref, base: dict, hitrate_topk: int) -> 
             (Path(d) / "epoch.json").write_text(json.dumps({"epoch": epoch}))
             if epoch == epochs - 1:
                 metrics, final = sid_metrics(q, p, s, hitrate_topk)
-                report.update(metrics, done=True)
+                report.update(metrics, **{COMPLETE: True})
                 np.savez(Path(d) / "sids.npz", item_ids=s.item_ids, codes=final)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
