@@ -16,8 +16,8 @@ Pipeline (all Ray Data, streaming; nothing holds the whole item table in one pro
    ``suffix``), ``fallback`` bool (placed by the random fallback).
 4. **Verify** on the written files: rows == input items == distinct item ids
    (distributed groupby count); otherwise fail and leave no output.
-5. **Export** per Parquet file (Ray tasks): ``export/sid_table/<part>.csv``
-   (FORGE's ``item_id,c1,c2,c3``) and ``export/sid_tokens/<part>.csv`` (``item_id,sid``
+5. **Export** per Parquet file (Ray tasks): ``export/sid_table/part-00000.csv``
+   (FORGE's ``item_id,c1,c2,c3``) and ``export/sid_tokens/part-00000.csv`` (``item_id,sid``
    with ``C{c+offset}`` token strings). Every part has a header.
 
 Memory: an encoder actor holds the quantizer plus one batch (B x max(K) costs); a
@@ -40,7 +40,7 @@ import ray
 import ray.data
 
 from forge_ray.config import require, to_dict
-from forge_ray.core.quantize.base import Quantizer, load_quantizer
+from forge_ray.core.quantize.base import Quantizer, load_quantizer, quantizer_dim
 from forge_ray.core.sid.codes import pack_codes
 from forge_ray.core.sid.collisions import CollisionConfig, group_levels, resolve_group
 from forge_ray.core.sid.export import SidTableWriter, SidTokenWriter
@@ -49,6 +49,7 @@ from forge_ray.distributed.dataset import dataset_manifest, read_items
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import ConfigError, InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
+from forge_ray.sid_table import EXPORTS, codes_array, export_paths
 
 SIDS_KIND = "sids"
 ROWS_PER_PARTITION = 1_000_000  # shuffle partition size of the groupbys
@@ -115,21 +116,6 @@ def list_codes(col: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
     if flat.size != len(col) * width:
         raise ValueError(f"expected {width} codes per row")
     return flat.reshape(len(col), width)
-
-
-def codes_array(codes: np.ndarray) -> pa.ListArray:
-    """(n, L) int64 -> Arrow list<int64> column."""
-    n, width = codes.shape
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width)
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(codes).reshape(-1)))
-
-
-def quantizer_dim(q: Quantizer) -> int:
-    """Input embedding width of a loaded quantizer."""
-    config = getattr(q, "config", None)
-    if hasattr(config, "in_dim"):
-        return int(config.in_dim)
-    return int(q.codebooks[0].shape[1])
 
 
 def partitions_for(rows: int, configured: int = 0) -> int:
@@ -261,7 +247,7 @@ def assign(model_dir: str | os.PathLike, dataset: str | os.PathLike, out: str | 
             resolve_prefix_group, batch_format="pyarrow",
             fn_kwargs={"cfg": coll, "n_levels": len(sizes), "last_size": sizes[-1]})
 
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, kind=SIDS_KIND, inputs=(model_dir, dataset)) as tmp:
         with surface_user_errors():
             # whole shards, not one small file per batch-sized block
             resolved.write_parquet(str(tmp), min_rows_per_file=DEFAULT_ROWS_PER_SHARD)
@@ -297,32 +283,28 @@ def _verify(folder: Path, n_in: int, sizes: list[int], strategy: str, parts: int
     if export_dir:
         for sub in ("sid_table", "sid_tokens"):
             (export_dir / sub).mkdir(parents=True)
-    scans = ray.get([_scan_file.remote(p, export_dir and str(export_dir), sizes, sid_sizes)
-                     for p in files])
+    scans = ray.get([_scan_file.remote(p, i, export_dir and str(folder), sizes, sid_sizes)
+                     for i, p in enumerate(files)])
     scanned = {k: sum(s[k] for s in scans) for k in ("rows", "moved", "fallback")}
     if scanned["rows"] != rows:
         raise InputError(folder.parent, f"exported {scanned['rows']} rows, expected {rows}")
     stats = {"moved": scanned["moved"], "fallback": scanned["fallback"],
              "before": histogram_quality(counts.hist[1]),
              "after": histogram_quality(counts.hist[2])}
-    exports = None
-    if export_dir:
-        exports = {"sid_table": "export/sid_table/*.csv (item_id,c1..cL)",
-                   "sid_tokens": "export/sid_tokens/*.csv (item_id,sid)", "rows": rows}
+    exports = {**EXPORTS, "rows": rows} if export_dir else None
     return {"items": rows, "distinct_items": distinct, "sid_sizes": sid_sizes,
             "collision_stats": stats, "exports": exports}
 
 
 @ray.remote(num_cpus=0.25)
-def _scan_file(path: str, export_dir: str | None, sizes: list[int], sid_sizes: list[int]) -> dict:
-    """One Parquet part: count rows / moved / fallback items and, with ``export_dir``,
-    write one CSV part of each export (same stem as the part: idempotent on retry)."""
+def _scan_file(path: str, index: int, table_dir: str | None, sizes: list[int], sid_sizes: list[int]) -> dict:
+    """One Parquet part: count rows / moved / fallback items and, with ``table_dir``,
+    write that part's CSV of each export (``part-<index>.csv``: idempotent on retry)."""
     out = {"rows": 0, "moved": 0, "fallback": 0}
     writers = []
-    if export_dir:
-        stem = Path(path).stem
-        writers = [SidTableWriter(Path(export_dir, "sid_table", f"{stem}.csv"), sid_sizes),
-                   SidTokenWriter(Path(export_dir, "sid_tokens", f"{stem}.csv"), sid_sizes)]
+    if table_dir:
+        table_csv, tokens_csv = export_paths(table_dir, index)
+        writers = [SidTableWriter(table_csv, sid_sizes), SidTokenWriter(tokens_csv, sid_sizes)]
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=65536,
                                                        columns=["item_id", "codes", "sid", "fallback"]):

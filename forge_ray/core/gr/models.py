@@ -29,6 +29,7 @@ from transformers import (Qwen2Config, Qwen2ForCausalLM, T5Config,
                           T5ForConditionalGeneration)
 
 from forge_ray.config import require
+from forge_ray.core.gr.constraint import sid_generation_config
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.errors import InputError
 
@@ -115,8 +116,13 @@ def count_parameters(cfg: GRModelConfig, vocab: SIDVocab) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_model(model, vocab: SIDVocab, folder: str | os.PathLike) -> None:
-    """``save_pretrained`` plus the vocabulary, into ``folder`` (created)."""
+def save_model(model, vocab: SIDVocab, folder: str | os.PathLike, num_beams: int = 20) -> None:
+    """``save_pretrained`` plus the vocabulary, into ``folder`` (created).
+
+    The saved ``generation_config.json`` decodes one SID (L tokens, ``num_beams``
+    beams, summed log-probs): see :mod:`forge_ray.core.gr.constraint`.
+    """
+    model.generation_config = sid_generation_config(vocab, model.config.is_encoder_decoder, num_beams)
     model.save_pretrained(folder)
     vocab.save(folder)
 
@@ -130,6 +136,9 @@ def load_model(folder: str | os.PathLike):
     from transformers import AutoConfig
 
     arch = "t5" if AutoConfig.from_pretrained(folder).is_encoder_decoder else "qwen2"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise
     model = _model_class(arch).from_pretrained(folder, local_files_only=True)
     if model.config.vocab_size != len(vocab):
         raise InputError(folder, f"model vocab_size {model.config.vocab_size} != SID vocabulary {len(vocab)}")

@@ -170,3 +170,11 @@ def load_quantizer(folder: str | os.PathLike) -> Quantizer:
         raise InputError(Path(folder) / QUANTIZER_FILE,
                          f"unknown quantizer type {meta['type']!r}; known: {', '.join(types)}")
     return cls.load(folder)
+
+
+def quantizer_dim(q: Quantizer) -> int:
+    """Input embedding width of a loaded quantizer."""
+    config = getattr(q, "config", None)
+    if hasattr(config, "in_dim"):
+        return int(config.in_dim)
+    return int(q.codebooks[0].shape[1])
