@@ -16,7 +16,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from forge_ray.errors import InputError
 
@@ -24,17 +24,17 @@ MANIFEST = "manifest.json"
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *, kind: str | None = None,
+               inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` when the block succeeds.
 
     The temporary folder is a sibling of ``out`` (same filesystem, so the final
     ``os.replace`` is atomic). On any exception it is deleted and ``out`` is left as
-    it was. An existing ``out`` is refused unless ``overwrite`` is set, in which case
-    it is replaced only after the new output is complete.
+    it was. ``out`` is first checked with :func:`check_output` (``overwrite``,
+    ``kind``, ``inputs``); an existing ``out`` is replaced only after the new output is
+    complete.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(out, "output already exists (pass --overwrite to replace it)")
+    out = check_output(out, overwrite, kind=kind, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -50,6 +50,54 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def check_output(out: str | os.PathLike, overwrite: bool, *, kind: str | None,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse an output folder that must not be written; returns ``out`` as a Path.
+
+    Refused (one-line InputError naming ``out``, nothing touched): an ``out`` that is,
+    contains or lies inside one of ``inputs`` (compared after resolving symlinks, so
+    ``--out`` can never replace what the command reads); an existing ``out`` without
+    ``overwrite``; and, with ``overwrite``, an existing ``out`` that is not a previous
+    output of the same stage, i.e. whose ``manifest.json`` does not say ``kind``
+    (``kind=None`` replaces nothing). Stages that run long before they write call
+    this up front too, so a bad ``--out`` fails in seconds, not after training.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        src = Path(inp).resolve()
+        if resolved == src or src in resolved.parents or resolved in src.parents:
+            what = "is" if resolved == src else "is inside" if src in resolved.parents else "contains"
+            raise InputError(out, f"output {what} the input {os.fspath(inp)}; choose another "
+                                  "output folder")
+    if not (out.exists() or out.is_symlink()):
+        return out
+    if not overwrite:
+        raise InputError(out, "output already exists (pass --overwrite to replace it)")
+    found = manifest_kind(out)
+    if kind is None or found != kind:
+        said = "has no readable manifest.json" if found is None else f"holds a {found!r} output"
+        raise InputError(out, f"--overwrite replaces only a previous {kind or 'forge_ray'!r} output, "
+                              f"and this folder {said}; left untouched (choose another output "
+                              "folder or remove it yourself)")
+    return out
+
+
+def manifest_kind(folder: str | os.PathLike) -> str | None:
+    """The ``kind`` in ``folder/manifest.json``; None for a file, a symlink, or a folder
+    without a readable manifest (a user's folder, which must never be replaced)."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return None
+    try:
+        kind = json.loads((folder / MANIFEST).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
 
 
 def code_version() -> str:

@@ -4,13 +4,13 @@ Runs ``configs/tiny/pipeline.yaml`` (synth -> ingest -> train-sid -> assign ->
 sid-metrics -> train-gr -> eval-gr) on a local Ray cluster and prints the summary
 table, then GR's Recall/NDCG@10 next to the most-popular baseline on the same
 queries. An existing DIR is continued (finished stages are skipped); ``--overwrite``
-starts from scratch.
+starts from scratch, deleting DIR only when it is a previous pipeline run folder
+(anything else is refused, untouched).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from forge_ray.commands import add_common
@@ -28,14 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from forge_ray.config import load_config
-    from forge_ray.distributed.pipeline import PipelineConfig, run_pipeline, summary_table
+    from forge_ray.distributed.pipeline import (PipelineConfig, remove_run_dir, run_pipeline,
+                                                summary_table)
     from forge_ray.distributed.session import ray_session
 
     given = {"synth.items": args.items, "synth.dim": args.dim, "synth.users": args.users}
     cfg = load_config(PipelineConfig, CONFIG, [f"{k}={v}" for k, v in given.items() if v is not None])
     out = Path(args.out)
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
+    if args.overwrite:
+        remove_run_dir(out)
     with ray_session(args.address):
         results = run_pipeline(cfg, out)
     print(summary_table(results))

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 
 from forge_ray.commands import stage_config
-from forge_ray.data.synth import SynthConfig, generate
+from forge_ray.data.synth import KIND, SynthConfig, generate
 from forge_ray.io import atomic_dir, write_manifest
 
 
@@ -32,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = stage_config(SynthConfig, args, items=args.items, dim=args.dim, users=args.users,
                        seed=args.seed)
-    with atomic_dir(args.out, args.overwrite) as tmp:
+    with atomic_dir(args.out, args.overwrite, kind=KIND) as tmp:
         counts = generate(cfg, tmp, progress=not args.no_progress)
-        write_manifest(tmp, "synthetic", generator="forge_ray.data.synth",
+        write_manifest(tmp, KIND, generator="forge_ray.data.synth",
                        config=dataclasses.asdict(cfg), counts=counts,
                        files={"contrastive": "contrastive_data_mask.npz",
                               "reconstruct": "reconstruct_data_mask.npz",

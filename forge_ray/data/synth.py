@@ -51,6 +51,7 @@ from forge_ray.data.schema import ShardWriter
 CONTRASTIVE_FILE = "contrastive_data_mask.npz"
 RECONSTRUCT_FILE = "reconstruct_data_mask.npz"
 INTERACTIONS_DIR = "interactions"
+KIND = "synthetic"  # manifest kind of a synth output (what --overwrite may replace)
 INTERACTIONS_SCHEMA = pa.schema([pa.field("user_id", pa.int64(), nullable=False),
                                  pa.field("item_id", pa.int64(), nullable=False),
                                  pa.field("timestamp", pa.int64(), nullable=False)])

@@ -106,7 +106,10 @@ def embed(dataset: str | os.PathLike, out: str | os.PathLike | None = None,
     model_path, model_name = resolve_model(model)
     before = parquet_rows(Path(dataset) / "items")
     target = Path(out) if out is not None else Path(dataset)
-    with atomic_dir(target, overwrite=overwrite or out is None) as tmp:
+    # in place (no ``out``) replaces the input on purpose; an explicit ``out`` must not
+    # be, contain or lie inside the dataset it reads
+    with atomic_dir(target, overwrite=overwrite or out is None, kind=DATASET_KIND,
+                    inputs=() if out is None else (dataset,)) as tmp:
         # batch-sized blocks so every actor gets work even from a single shard
         (items.repartition(target_num_rows_per_block=batch_size * 4)
               .map_batches(TextEmbedder, fn_constructor_args=(model_path, batch_size),

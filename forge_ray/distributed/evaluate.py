@@ -47,7 +47,7 @@ from forge_ray.distributed import gr_data
 from forge_ray.distributed.dataset import read_sequences
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import InputError
-from forge_ray.io import atomic_dir, read_manifest, write_manifest
+from forge_ray.io import atomic_dir, check_output, read_manifest, write_manifest
 
 EVAL_KIND = "gr_eval"
 
@@ -163,9 +163,7 @@ def check_vocab(model_dir: str | os.PathLike, sids: str | os.PathLike) -> SIDVoc
 def evaluate(cfg: EvalGRConfig, model_dir: str | os.PathLike, data: str | os.PathLike,
              sids: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict:
     """Score a trained model; writes ``out/metrics.json`` + manifest, returns the metrics."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(out, "output already exists (pass --overwrite to replace it)")
+    out = check_output(out, overwrite, kind=EVAL_KIND, inputs=(model_dir, data, sids))
     vocab = check_vocab(model_dir, sids)
     with surface_user_errors():  # a bad row found by a Ray task reads as one line
         return _evaluate(cfg, vocab, model_dir, data, sids, out, overwrite)
@@ -215,7 +213,7 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
         metrics["popularity"] = {k: v for k, v in pop.result().items() if "@" in k}
     elif cfg.popularity:
         metrics["popularity_skipped"] = "an AL-GR test file holds no training interactions to count"
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, kind=EVAL_KIND, inputs=(model_dir, data, sids)) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_manifest(tmp, EVAL_KIND, model=os.path.abspath(model_dir), data=os.path.abspath(data),
                        sids=os.path.abspath(sids), config=to_dict(cfg), metrics=metrics)

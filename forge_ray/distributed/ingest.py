@@ -104,7 +104,7 @@ def ingest(paths: list[str], out: str | os.PathLike, config: IngestConfig = Inge
     buckets = config.buckets or max(1, math.ceil(rows / KEYS_PER_BUCKET))
     show = config.progress
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind=DATASET_KIND, inputs=names) as tmp:
         tmp = tmp.resolve()
         row_ids = {s: ray.put(forge_npz.row_item_ids(p)) for s, (p, f) in enumerate(zip(names, fmts))
                    if f == "forge_contrastive_npz"}

@@ -17,7 +17,13 @@ run stopped mid-way (Ctrl-C, crash, ``after_stage`` hook) continues with the fir
 unfinished stage, and changing one stage's config re-runs that stage and everything
 downstream of it, nothing upstream. Training stages interrupted mid-run continue from
 their Ray Train checkpoint; a training stage re-run because its config changed first
-deletes its stale checkpoints.
+deletes its stale checkpoints: only the Ray Train run folder
+(``storage_path/<run name>``) that ``state.json`` records this run created, never
+anything else under ``storage_path``.
+
+Output safety: RUN_DIR holds ``manifest.json`` of kind ``pipeline``; an existing,
+non-empty folder without it (a user's folder) is refused, and a stage replaces its
+folder only when that folder's manifest names the stage's own kind.
 
 Memory: the pipeline driver holds only configs and manifests; each stage streams
 (see the stage modules for their own bounds).
@@ -37,12 +43,13 @@ from typing import Any, Callable, Literal
 
 from forge_ray.config import from_dict, merge, read_yaml, require, to_dict
 from forge_ray.errors import ConfigError, InputError
-from forge_ray.io import MANIFEST, read_manifest
+from forge_ray.io import MANIFEST, manifest_kind, read_manifest, write_manifest
 
 STAGES = ("synth", "ingest", "embed", "train_sid", "assign", "sid_metrics", "train_gr", "eval_gr")
 StageName = Literal["synth", "ingest", "embed", "train_sid", "assign", "sid_metrics", "train_gr",
                     "eval_gr"]
 STATE_FILE = "state.json"
+KIND = "pipeline"  # manifest kind of RUN_DIR itself
 # keys of a stage section that are the stage's inputs, not fields of its config class
 INPUT_KEYS = {"ingest": {"sources"}, "sid_metrics": {"with_data"}}
 # upstream stages whose outputs each stage reads ("data" = embed if it ran, else ingest)
@@ -182,19 +189,26 @@ class _Run:
         return ups
 
     def step(self, stage: str, inputs: dict, cfg, action: Callable[[], dict],
-             key_metrics: Callable[[dict], dict], runs: tuple[str, ...] = ()) -> StageResult:
+             key_metrics: Callable[[dict], dict], runs: tuple[Path, ...] = ()) -> StageResult:
         """Skip ``stage`` when complete and unchanged, else run ``action`` (which
-        returns the stage's manifest/metrics) and record it."""
+        returns the stage's manifest/metrics) and record it. ``runs``: the Ray Train
+        run folders the stage writes (recorded, so a later config change deletes
+        only folders this pipeline made)."""
         fp = fingerprint({"stage": stage, "config": to_dict(cfg), "inputs": inputs,
                           "upstream": self.upstream(stage)})
         rec = self.state.get(stage, {})
         out = self.out(stage)
         if rec.get("status") == "done" and rec.get("fingerprint") == fp and (out / MANIFEST).is_file():
             return StageResult(stage, "skipped", rec.get("seconds", 0.0), rec.get("metrics", {}))
+        # ours: recorded by an earlier run of this stage, or about to be created by it
+        # (a folder that already exists unrecorded is someone else's: never ours)
+        made = rec.get("runs", ())
+        mine = [p for p in (os.fspath(r.resolve()) for r in runs) if p in made or not os.path.exists(p)]
         if rec.get("fingerprint") != fp:  # config changed: stale checkpoints must not be resumed
-            for name in runs:
-                shutil.rmtree(self.dir / name, ignore_errors=True)
-        self.state[stage] = {"fingerprint": fp, "status": "running"}
+            for path in mine:
+                if path in made:
+                    shutil.rmtree(path, ignore_errors=True)
+        self.state[stage] = {"fingerprint": fp, "status": "running", "runs": mine}
         save_state(self.dir, self.state)
         print(f"[pipeline] {stage} -> {out}", flush=True)
         t0 = time.perf_counter()
@@ -202,7 +216,7 @@ class _Run:
         seconds = round(time.perf_counter() - t0, 2)
         metrics = key_metrics(result)
         self.state[stage] = {"fingerprint": fp, "status": "done", "seconds": seconds,
-                             "metrics": metrics}
+                             "metrics": metrics, "runs": mine}
         save_state(self.dir, self.state)
         return StageResult(stage, "ran", seconds, metrics)
 
@@ -214,9 +228,9 @@ class _Run:
         _, cfg = self.cfg.section("synth")
 
         def action():
-            with atomic_dir(self.out("synth"), overwrite=True) as tmp:
+            with atomic_dir(self.out("synth"), overwrite=True, kind=synth.KIND) as tmp:
                 counts = synth.generate(cfg, tmp, progress=False)
-                return write_manifest(tmp, "synthetic", generator="forge_ray.data.synth",
+                return write_manifest(tmp, synth.KIND, generator="forge_ray.data.synth",
                                       config=to_dict(cfg), counts=counts)
         return self.step("synth", {}, cfg, action, lambda m: dict(m["counts"]))
 
@@ -246,20 +260,28 @@ class _Run:
                                        cfg.actors, overwrite=True),
                          lambda m: {"embedding_dim": m["embedding_dim"]})
 
+    def run_folder(self, stage: str, cfg) -> Path:
+        """The Ray Train run folder (``storage_path/<run name>``) a training stage's
+        config writes: what a config change may delete, never ``storage_path`` itself."""
+        if stage == "train_sid":
+            from forge_ray.distributed.train_quantizer import run_location
+
+            storage, name = run_location(self.out(stage), cfg)
+            return storage / name
+        return cfg.run.storage(self.out(stage)) / cfg.run.name
+
     def train_sid(self) -> StageResult:
         from forge_ray.distributed.train_quantizer import train_sid
 
         dim = read_manifest(self.data).get("embedding_dim")
         _, cfg = self.cfg.section("train_sid", {"rqvae.in_dim": dim, "run_name": "train_sid"})
-        out = self.out("train_sid")
-        storage = Path(cfg.storage_path) if cfg.storage_path else self.dir / "runs"
+        out, run = self.out("train_sid"), self.run_folder("train_sid", cfg)
         return self.step(
             "train_sid", {}, cfg,
-            lambda: train_sid(self.data, out, cfg, overwrite=True,
-                              resume=(storage / cfg.run_name).is_dir()),
+            lambda: train_sid(self.data, out, cfg, overwrite=True, resume=run.is_dir()),
             lambda m: {"quantizer": m["quantizer"], "sizes": m["sizes"],
                        "utilisation": [round(u, 3) for u in m["utilisation"]]},
-            runs=(os.path.relpath(storage / cfg.run_name, self.dir),))
+            runs=(run,))
 
     def assign(self) -> StageResult:
         from forge_ray.distributed.assign import assign
@@ -286,13 +308,11 @@ class _Run:
         from forge_ray.distributed.train_gr import train_gr
 
         _, cfg = self.cfg.section("train_gr")
-        out = self.out("train_gr")
-        storage = Path(cfg.run.storage_path or f"{out}.runs")
         return self.step(
             "train_gr", {}, cfg,
-            lambda: train_gr(cfg, self.data, self.out("assign"), out, overwrite=True),
+            lambda: train_gr(cfg, self.data, self.out("assign"), self.out("train_gr"), overwrite=True),
             lambda m: {"steps": m["steps"], **{f"best {k}": v for k, v in m["best"].items()}},
-            runs=(os.path.relpath(storage, self.dir),))
+            runs=(self.run_folder("train_gr", cfg),))
 
     def eval_gr(self) -> StageResult:
         from forge_ray.distributed.evaluate import evaluate
@@ -330,8 +350,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike,
     """Run (or continue) the pipeline in ``run_dir``; returns one result per stage
     considered. ``after_stage`` is called after each stage (progress reporting;
     tests raise from it to simulate an interruption). Needs a Ray connection."""
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_run_dir(run_dir)
     (run_dir / "pipeline.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     run = _Run(cfg, run_dir)
     results = []
@@ -342,6 +361,35 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike,
         if after_stage is not None:
             after_stage(result)
     return results
+
+
+def claim_run_dir(run_dir: str | os.PathLike) -> Path:
+    """``run_dir`` resolved, created and marked as a pipeline run (``manifest.json`` of
+    kind ``pipeline``). An existing non-empty folder without that mark is refused
+    (one line, untouched): the pipeline writes and replaces files in it."""
+    path = Path(run_dir).resolve()
+    if path.exists() and not (path.is_dir() and manifest_kind(path) == KIND):
+        if not path.is_dir() or any(path.iterdir()):
+            raise InputError(run_dir, "not a forge_ray pipeline run folder (no manifest.json of "
+                                      f"kind {KIND!r}) and not empty; left untouched (choose a new "
+                                      "or empty --out)")
+    path.mkdir(parents=True, exist_ok=True)
+    if manifest_kind(path) != KIND:
+        write_manifest(path, KIND)
+    return path
+
+
+def remove_run_dir(run_dir: str | os.PathLike) -> None:
+    """Delete a previous pipeline run folder (``demo --overwrite``); anything else
+    that exists there is refused with one line and left untouched."""
+    path = Path(run_dir)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_symlink() or manifest_kind(path) != KIND:
+        raise InputError(run_dir, "--overwrite deletes only a previous forge_ray pipeline run "
+                                  f"folder (manifest.json of kind {KIND!r}) and this is not one; "
+                                  "left untouched (choose another --out or remove it yourself)")
+    shutil.rmtree(path)
 
 
 def summary_table(results: list[StageResult]) -> str:

@@ -44,6 +44,7 @@ from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
 
+SID_METRICS_KIND = "sid_metrics"
 KINDS = ("item_id", "codes", "sid")  # what key_counts counts, by kind index
 
 
@@ -352,7 +353,7 @@ def sid_metrics(sids_dir: str | os.PathLike, out: str | os.PathLike,
     suffix = len(sizes) == len(code_sizes) + 1
     table = read_sid_table(sids_dir)
     parts = partitions_for(manifest["counts"]["items"], cfg.partitions)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, kind=SID_METRICS_KIND, inputs=(sids_dir, dataset)) as tmp:
         with surface_user_errors():
             counts = key_counts(table, code_sizes, suffix, parts)
             if counts.hist[0].size > 2:
@@ -374,7 +375,7 @@ def sid_metrics(sids_dir: str | os.PathLike, out: str | os.PathLike,
             plot_sid_distribution(per_sid, tmp / name, title=f"Items per SID ({title}"
                                   + (f", sample of {cfg.max_plot_sids:,} SIDs)" if sampled else ")"))
         plot_code_usage(counts.levels[2], tmp / "code_usage.png")
-        write_manifest(tmp, "sid_metrics", sids=os.fspath(Path(sids_dir).resolve()),
+        write_manifest(tmp, SID_METRICS_KIND, sids=os.fspath(Path(sids_dir).resolve()),
                        dataset=None if dataset is None else os.fspath(Path(dataset).resolve()),
                        config=to_dict(cfg), files=["metrics.json", "sid_distribution.png",
                                                    "sid_distribution_raw.png", "code_usage.png"])

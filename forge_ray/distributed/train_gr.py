@@ -102,6 +102,11 @@ class GRRunConfig:
     storage_path: str | None = None
     name: str = "train_gr"
 
+    def storage(self, out: str | os.PathLike) -> Path:
+        """Ray Train's storage path for MODEL_DIR ``out``; the run itself is
+        ``storage / name`` (the only folder of it this run owns)."""
+        return Path(self.storage_path or f"{os.fspath(out)}.runs")
+
 
 @dataclass
 class TrainGRConfig:
@@ -306,12 +311,11 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
     from forge_ray.distributed.remote_errors import surface_user_errors
     from forge_ray.distributed.train_common import (TrainingError, cached_if_small, deepspeed_config,
                                                     fingerprint, fit)
-    from forge_ray.io import atomic_dir, write_manifest
+    from forge_ray.io import atomic_dir, check_output, write_manifest
 
     out, data = Path(out), os.fspath(data)
     sids = None if sids is None else os.fspath(sids)
-    if out.exists() and not overwrite:
-        raise InputError(out, "output already exists (pass --overwrite to replace it)")
+    check_output(out, overwrite, kind=MODEL_KIND, inputs=(data, sids))  # before training
     t, scale = cfg.train, cfg.scale
     with surface_user_errors():  # a bad row found by a Ray task reads as one line
         vocab, train_ds, valid_rows, counts, trie = _example_inputs(cfg, data, sids)
@@ -330,7 +334,7 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
              "target_item": [int(r["target_item"]) for r in valid_rows]}
     if not valid["input_ids"]:
         raise InputError(data, "no validation examples (every sequence is too short)")
-    storage = Path(cfg.run.storage_path or f"{out}.runs")
+    storage = cfg.run.storage(out)
     shape = {"model": to_dict(cfg.model), "sizes": list(vocab.sizes), "data": to_dict(cfg.data),
              "train": {k: v for k, v in to_dict(t).items() if k in ("micro_batch", "grad_accum", "seed")},
              "world": world}
@@ -355,7 +359,7 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
     model = build_model(cfg.model, vocab)
     model.load_state_dict(state["best_state"] or state["module"])
     history = state["history"]
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, kind=MODEL_KIND, inputs=(data, sids)) as tmp:
         save_model(model, vocab, tmp)
         (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         final = {"best": state["best"], "steps": int(state.get("global_steps", total)),

@@ -35,7 +35,7 @@ from forge_ray.core.quantize.rq_kmeans import RQKMeans, RQKMeansConfig
 from forge_ray.core.quantize.rqvae import RQVAE, RQVAEConfig
 from forge_ray.core.quantize.train_loop import TrainConfig
 from forge_ray.errors import InputError
-from forge_ray.io import atomic_dir, write_manifest
+from forge_ray.io import atomic_dir, check_output, write_manifest
 
 QUANTIZER_KIND = "quantizer"
 
@@ -133,10 +133,9 @@ def train_sid(dataset: str | os.PathLike, out: str | os.PathLike, cfg: TrainSidC
     from forge_ray.distributed import sid_outputs
 
     manifest = check_dataset(dataset, cfg)
-    if Path(out).exists() and not overwrite:
-        raise InputError(out, "output already exists (pass --overwrite to replace it)")
+    check_output(out, overwrite, kind=QUANTIZER_KIND, inputs=(dataset,))  # before training
     storage, name = run_location(out, cfg)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, kind=QUANTIZER_KIND, inputs=(dataset,)) as tmp:
         if cfg.quantizer == "rqvae":
             quantizer, info = _train_rqvae(dataset, manifest, cfg, storage, name, resume)
         else:

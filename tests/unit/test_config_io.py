@@ -72,3 +72,61 @@ def test_atomic_dir_success_and_failure(tmp_path):
             pass
     with pytest.raises(InputError, match="expected a 'model' output"):
         read_manifest(out, "model")
+
+
+def _tree(root):
+    return sorted((p.relative_to(root).as_posix(), p.read_bytes() if p.is_file() else None)
+                  for p in root.rglob("*"))
+
+
+def test_overwrite_replaces_only_a_previous_output_of_the_same_kind(tmp_path):
+    out = tmp_path / "out"
+    with atomic_dir(out, kind="sids") as tmp:
+        write_manifest(tmp, "sids")
+    with atomic_dir(out, overwrite=True, kind="sids") as tmp:  # same kind: replaced
+        write_manifest(tmp, "sids", n=2)
+    assert read_manifest(out, "sids")["n"] == 2
+    # a user's folder (no manifest), another stage's output, or a stage that names no
+    # kind: refused in one line, left exactly as it was
+    user = tmp_path / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("mine")
+    (user / "sub" / "manifest.json").write_text('{"kind": "sids"}')
+    before = _tree(tmp_path)
+    for folder, kind, problem in [(user, "sids", "has no readable manifest.json"),
+                                  (out, "dataset", "holds a 'sids' output"),
+                                  (out, None, "holds a 'sids' output")]:
+        with pytest.raises(InputError, match=problem) as err:
+            with atomic_dir(folder, overwrite=True, kind=kind):
+                raise AssertionError("must not start")
+        assert str(err.value).startswith(str(folder)) and "\n" not in str(err.value)
+    assert _tree(tmp_path) == before
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "manifest.json").write_text("{not json")
+    before = _tree(tmp_path)
+    with pytest.raises(InputError, match="no readable manifest.json"):
+        with atomic_dir(tmp_path / "corrupt", overwrite=True, kind="sids"):
+            pass
+    assert _tree(tmp_path) == before
+
+
+def test_output_may_not_overlap_an_input(tmp_path):
+    data = tmp_path / "data"
+    with atomic_dir(data, kind="sids") as tmp:
+        write_manifest(tmp, "sids")
+    (tmp_path / "link").symlink_to(data)
+    before = _tree(tmp_path)
+    for out, inputs, problem in [
+        (data, [data], "is the input"),                        # sid-metrics SIDS --out SIDS
+        (tmp_path / "link", [data], "is the input"),           # the same folder via a symlink
+        (data / "inner", [data], "is inside the input"),
+        (tmp_path, [data], "contains the input"),
+        (data, [None, tmp_path / "x", tmp_path / "link"], "is the input"),
+    ]:
+        with pytest.raises(InputError, match=problem) as err:
+            with atomic_dir(out, overwrite=True, kind="sids", inputs=inputs):
+                raise AssertionError("must not start")
+        assert str(err.value).startswith(str(out)) and "\n" not in str(err.value)
+    assert _tree(tmp_path) == before
+    with atomic_dir(tmp_path / "data2", kind="sids", inputs=[data]) as tmp:  # a sibling is fine
+        write_manifest(tmp, "sids")
