@@ -203,10 +203,11 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike, resume: bool = False) ->
         name = Path(r.path).name if r.path else f"trial_{i}"
         rows.append(trial_row(name, {**to_dict(cfg.base), **(params or {})}, r.metrics, r.error,
                               r.checkpoint.path if r.checkpoint else None))
-    unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
-    if unfinished:  # Ctrl+C: Tune saved its state and returned early; a report now would be partial
-        raise InputError(tune_dir / cfg.name, f"sweep interrupted with {len(unfinished)} unfinished "
-                                              "trial(s); rerun with --resume to continue it")
+    if any(r["status"] == "unfinished" for r in rows):
+        # Ctrl+C: Tune saved its state and returned early (trials not yet generated are not
+        # even in the grid); a report now would be partial.
+        raise InputError(tune_dir / cfg.name, "sweep interrupted before it ended; rerun with --resume "
+                                              "to continue it")
     _gr_stage(rows, sample, cfg)
     return write_report(rows, cfg, out)
 
