@@ -112,7 +112,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def _write(parent: SidTable, dataset: Path, out: Path, overwrite: bool, ids: np.ndarray,
            codes: np.ndarray, placed) -> dict:
     sizes = list(parent.sizes)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, kind=SIDS_KIND, inputs=[parent.path, dataset]) as tmp:
         files = parent.files
         for i, src in enumerate(files):
             _link_or_copy(src, tmp / f"part-{i:05d}.parquet")
