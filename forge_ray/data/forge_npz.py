@@ -18,7 +18,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from forge_ray.data import npz
+from forge_ray.data import npz, resources
 from forge_ray.data.schema import PAIRS_SCHEMA, embedding_array, items_schema
 from forge_ray.data.sources import Chunk, ReadResult, finite_rows
 from forge_ray.errors import InputError
@@ -101,10 +101,21 @@ def row_item_ids(path: str | os.PathLike) -> np.ndarray:
 def plan(path: str, fmt: str, chunk_rows: int) -> list[Chunk]:
     """Items chunks over ``embeds`` rows (+ pairs chunks). Validates itemEncID fully.
 
+    Refused (one line, the estimate in it) when one chunk of ``embeds`` rows cannot
+    fit in the available memory (e.g. a header declaring 10^6-d rows).
+
     Deflated members are planned like stored ones (same memory bound per chunk), but
     each chunk re-decompresses the member up to its start: see :mod:`npz`.
     """
     infos = check(path, fmt)
+    emb = infos["embeds"]
+    rows = min(chunk_rows, emb.shape[0])
+    # a read task holds its rows ~3 times (raw bytes, float32 copy, Arrow column)
+    fit = (resources.available_memory() or 0) // (3 * max(1, emb.row_bytes))
+    resources.require_memory(3 * rows * emb.row_bytes, path,
+                             f"reading {rows:,} rows of {emb.shape[1]:,}-d embeddings per task "
+                             f"({resources.human(emb.row_bytes)} a row)",
+                             f"lower chunk_rows (at most {fit:,} rows fit)")
     if fmt == "forge_contrastive_npz":
         row_item_ids(path)  # validates the bijection now, not inside a Ray task
     chunks = [Chunk(path, fmt, "items", s, min(s + chunk_rows, infos["embeds"].shape[0]), "embeds")

@@ -46,9 +46,13 @@ from typing import Any, Iterator
 import numpy as np
 from numpy.lib import format as npformat
 
+from forge_ray.data.resources import human, require_memory
 from forge_ray.errors import InputError
 
 _READ_BLOCK = 16 << 20  # bytes decompressed and discarded per step when skipping
+# Unpickled objects per pickle byte: a dict of int -> int pickles to ~15 B per entry
+# and costs ~100 B of Python objects (+ the payload itself while it is read).
+PICKLE_EXPANSION = 10
 # Deflate cannot expand its input more than ~1032x (a 258-byte match per ~2 bits), so
 # a deflated member claiming more is lying about its size.
 MAX_DEFLATE_RATIO = 1032
@@ -70,6 +74,7 @@ class NpyInfo:
     compressed: bool
     header_len: int
     data_offset: int
+    member_size: int = 0  # uncompressed bytes of the member (zip directory), header included
 
     @property
     def row_bytes(self) -> int:
@@ -142,7 +147,7 @@ def _member_info(path: str, zf: zipfile.ZipFile, raw, zi: zipfile.ZipInfo,
         if offset + (need - header_len) > file_size:
             raise InputError(path, f"member {name!r} runs past the end of the file (truncated)")
     return NpyInfo(name, zi.filename, tuple(int(s) for s in shape), dtype, bool(fortran),
-                   compressed, header_len, offset)
+                   compressed, header_len, offset, zi.file_size)
 
 
 def read_rows(path: str | os.PathLike, info: NpyInfo, start: int, stop: int) -> np.ndarray:
@@ -298,14 +303,19 @@ def check_pickle_sizes(payload: bytes) -> None:
 def read_pickled(path: str | os.PathLike, info: NpyInfo) -> Any:
     """Unpickle an object member (``np.save(..., allow_pickle=True)``) safely.
 
-    Returns the 0-d array's object (``.item()``) or the array itself. The whole
-    payload is read into memory (bounded by the member's real data; see
-    :func:`members`), size-checked by :func:`check_pickle_sizes`, then unpickled: a
-    pickled dict of N ints costs ~100 B per entry.
+    Returns the 0-d array's object (``.item()``) or the array itself. Refused up front
+    when ~``1 + PICKLE_EXPANSION`` times the payload exceeds the available memory;
+    otherwise the whole payload is read (never more than the zip directory's size),
+    size-checked by :func:`check_pickle_sizes`, then unpickled: a pickled dict of N
+    ints costs ~100 B per entry.
     """
     path = os.fspath(path)
     if not info.dtype.hasobject:
         raise InputError(path, f"member {info.name!r} is not a pickled object array")
+    payload_size = max(0, info.member_size - info.header_len)
+    require_memory(payload_size * (1 + PICKLE_EXPANSION), path,
+                   f"unpickling member {info.name!r} ({human(payload_size)} of pickle)",
+                   "it holds more Python objects than this machine can build")
     try:
         with zipfile.ZipFile(path) as zf, zf.open(info.zip_name) as f:
             _skip(f, info.header_len)

@@ -352,3 +352,29 @@ def test_pickled_array_shape_must_match_its_data():
     out = npz.RestrictedUnpickler(io.BytesIO(pickle.dumps({"a": arr, "o": np.array([None, 1])}, protocol=3))).load()
     np.testing.assert_array_equal(out["a"], arr)
     assert list(out["o"]) == [None, 1]
+
+
+def test_read_chunks_that_cannot_fit_are_refused(tmp_path, monkeypatch):
+    """A chunk of wide rows must fit in memory: refused at planning, naming the file."""
+    from forge_ray.data import resources
+
+    path = tmp_path / "r.npz"
+    np.savez(path, ids=np.arange(300), embeds=np.ones((300, 1024), np.float32))  # 4 KiB rows
+    monkeypatch.setattr(resources, "available_memory", lambda: 1 << 20)
+    with pytest.raises(InputError, match=r"reading 300 rows of 1,024-d embeddings per task \(4.0 KiB "
+                                         r"a row\) needs about 3.5 MiB of memory but only 1.0 MiB is "
+                                         r"available; lower chunk_rows \(at most 85 rows fit\)") as err:
+        sources.plan(path, "forge_reconstruct_npz", 65_536)
+    _one_line(err, path)
+    assert len(sources.plan(path, "forge_reconstruct_npz", 80)) == 4
+
+
+def test_pickle_bigger_than_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    from forge_ray.data import resources
+
+    path = tmp_path / "c.npz"
+    _forge_contrastive(path, n=3000)
+    monkeypatch.setattr(resources, "available_memory", lambda: 100 << 10)
+    with pytest.raises(InputError, match=r"member 'itemEncID' \(\d+\.\d KiB of pickle\) needs about") as err:
+        npz.read_pickled(path, npz.members(path)["itemEncID"])
+    _one_line(err, path)

@@ -140,3 +140,40 @@ def test_cli(tmp_path, capsys):
     assert main(args) == 2                       # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("flag,value,problem", [
+    ("--dim", 10**12, "of memory but only"),          # one items block alone: exabytes
+    ("--users", 10**13, "writes at least"),           # >= 4 B x 5 interactions per user
+])
+def test_cli_refuses_what_cannot_fit_before_writing(tmp_path, capsys, flag, value, problem):
+    out = tmp_path / "s"
+    args = ["synth", str(out), "branching=[4,4]", "level_scales=[1.0,0.5]", "--items", "500",
+            "--dim", "8", "--users", "20", "--no-progress", flag, str(value)]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.out + captured.err, captured.err
+    assert lines[0].startswith("forge-ray synth: error: synth (500 items x ") and problem in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_estimate_bounds_the_measured_peak(tmp_path):
+    """The estimate is an upper bound of the real peak RSS growth, and not a wild one."""
+    import subprocess
+    import sys
+
+    from forge_ray.data.synth import estimate
+
+    kw = {"items": 150_000, "dim": 256, "users": 2_000}
+    # VmHWM (peak RSS of this process image; ru_maxrss would inherit pytest's own peak)
+    code = ("import re, sys; from forge_ray.data.synth import SynthConfig, generate; "
+            "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]); "
+            f"base = hwm(); generate(SynthConfig(**{kw!r}), sys.argv[1], progress=False); "
+            "print((hwm() - base) * 1024)")
+    grew = int(subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                              text=True, check=True, timeout=120).stdout)
+    need = estimate(SynthConfig(**kw))
+    assert grew < need["memory"] < 3 * grew + (200 << 20), (grew, need)
+    written = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    assert need["disk"] <= written, (need, written)
