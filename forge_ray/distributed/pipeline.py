@@ -363,12 +363,24 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike,
     return results
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a pipeline run folder: marked (``manifest.json`` of kind
+    ``pipeline``), or written before runs were marked (its ``state.json`` and
+    ``pipeline.json``, the two files only the pipeline writes there)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return manifest_kind(path) == KIND or (
+        not (path / MANIFEST).exists() and (path / STATE_FILE).is_file()
+        and (path / "pipeline.json").is_file())
+
+
 def claim_run_dir(run_dir: str | os.PathLike) -> Path:
     """``run_dir`` resolved, created and marked as a pipeline run (``manifest.json`` of
-    kind ``pipeline``). An existing non-empty folder without that mark is refused
-    (one line, untouched): the pipeline writes and replaces files in it."""
+    kind ``pipeline``). An existing non-empty folder that is not a run folder
+    (:func:`is_run_dir`) is refused (one line, untouched): the pipeline writes and
+    replaces files in it."""
     path = Path(run_dir).resolve()
-    if path.exists() and not (path.is_dir() and manifest_kind(path) == KIND):
+    if path.exists() and not is_run_dir(path):
         if not path.is_dir() or any(path.iterdir()):
             raise InputError(run_dir, "not a forge_ray pipeline run folder (no manifest.json of "
                                       f"kind {KIND!r}) and not empty; left untouched (choose a new "
@@ -385,7 +397,7 @@ def remove_run_dir(run_dir: str | os.PathLike) -> None:
     path = Path(run_dir)
     if not (path.exists() or path.is_symlink()):
         return
-    if path.is_symlink() or manifest_kind(path) != KIND:
+    if not is_run_dir(path):
         raise InputError(run_dir, "--overwrite deletes only a previous forge_ray pipeline run "
                                   f"folder (manifest.json of kind {KIND!r}) and this is not one; "
                                   "left untouched (choose another --out or remove it yourself)")

@@ -76,6 +76,15 @@ def test_demo_overwrite_deletes_only_a_pipeline_run_folder(tmp_path, capsys):
     remove_run_dir(run)
     assert not run.exists()
     remove_run_dir(run)  # nothing there: nothing to do
+    # a run folder written before runs were marked: state.json + pipeline.json
+    old = tmp_path / "old"
+    (old / "synth").mkdir(parents=True)
+    for name in ("state.json", "pipeline.json"):
+        (old / name).write_text("{}")
+    assert (claim_run_dir(old) / "manifest.json").is_file()  # continued, and marked now
+    (old / "manifest.json").unlink()
+    remove_run_dir(old)
+    assert not old.exists()
 
 
 def test_pipeline_refuses_a_non_empty_folder_it_did_not_make(tmp_path):
