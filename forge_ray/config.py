@@ -50,7 +50,10 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(source, "config file not found")
     try:
-        loaded = yaml.safe_load(p.read_text())
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, f"not a text (UTF-8) file: byte {e.start} is {e.object[e.start]:#04x}; "
+                                  "a config is YAML text") from None
     except yaml.YAMLError as e:
         raise ConfigError(source, f"invalid YAML: {' '.join(str(e).split())}") from None
     if loaded is None:

@@ -31,7 +31,7 @@ import re
 import numpy as np
 import pyarrow as pa
 
-from forge_ray.core.sid.codes import level_offsets, pack_codes
+from forge_ray.core.sid.codes import level_offsets, pack_codes, token_array
 from forge_ray.data.sources import Chunk, ReadResult, read_lines, text_splits
 from forge_ray.errors import InputError
 
@@ -86,7 +86,12 @@ def _is_test_file(path: str, start: int) -> bool:
 
 
 def _fields(line: bytes) -> list[str] | None:
-    text = line.decode("utf-8", "replace")
+    """The 4 tab-separated fields of a line; None when it has another count or is
+    not UTF-8 (a malformed line)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
     fields = next(csv.reader([text], delimiter="\t"), [])
     return fields if len(fields) == 4 else None
 
@@ -99,7 +104,10 @@ class _Bad(Exception):
 
 
 def _codes(text: str, sizes: tuple[int, ...], offs: np.ndarray) -> np.ndarray:
-    tokens = np.asarray([int(t) for t in _TOKEN.findall(text)], dtype=np.int64)
+    try:
+        tokens = token_array(_TOKEN.findall(text))
+    except ValueError:  # a token number beyond int64
+        raise _Bad("malformed_sid") from None
     if tokens.size % len(sizes):
         raise _Bad("malformed_sid")
     codes = tokens.reshape(-1, len(sizes)) - offs[None, :]
@@ -118,6 +126,8 @@ def parse_row(fields: list[str], sizes: tuple[int, ...], offs: np.ndarray
     answer = fields[3].strip()
     if _TEST_ANSWER.match(answer):
         targets = [int(t) for t in answer.split(";") if t.strip()]
+        if max(targets) >= 2**63:  # an item id beyond int64
+            raise _Bad("malformed_answer")
         return history, np.zeros((0, len(sizes)), np.int64), targets
     if not answer or _RUN.fullmatch(answer) is None:
         raise _Bad("malformed_answer")

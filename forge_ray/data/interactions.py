@@ -111,7 +111,7 @@ def normalise(table: pa.Table, cols: dict[str, str], source: str, strict: bool) 
     out = {}
     for canon, name in cols.items():
         col = table.column(name)
-        out[canon] = _timestamp(col, source, name) if canon == "timestamp" else _ints(col, source, name)
+        out[canon] = _timestamp(col, source, name) if canon == "timestamp" else int_column(col, source, name)
     valid = pc.and_(pc.and_(pc.is_valid(out["user_id"]), pc.is_valid(out["item_id"])),
                     pc.is_valid(out["timestamp"]))
     dropped = {}
@@ -125,7 +125,8 @@ def normalise(table: pa.Table, cols: dict[str, str], source: str, strict: bool) 
     return ReadResult(result.cast(SCHEMA), dropped)
 
 
-def _ints(col: pa.ChunkedArray, source: str, name: str) -> pa.ChunkedArray:
+def int_column(col: pa.ChunkedArray, source: str, name: str) -> pa.ChunkedArray:
+    """An id column as int64 (nulls kept); InputError naming ``source`` unless it holds integers."""
     if pa.types.is_integer(col.type) or pa.types.is_null(col.type):
         return col.cast(pa.int64())
     raise InputError(source, f"column {name!r} must hold integer ids, found {col.type}")

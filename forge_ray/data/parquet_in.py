@@ -106,13 +106,19 @@ def read(chunk: Chunk, strict: bool = False) -> ReadResult:
         table = pq.ParquetFile(path).read_row_groups(range(chunk.start, chunk.stop))
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(path, f"cannot read row groups [{chunk.start}, {chunk.stop}) ({e})") from None
-    if chunk.table == "interactions":
-        return interactions.normalise(table, interactions.columns(table.column_names), str(path), strict)
-    if chunk.table == "pairs":
-        return ReadResult(table.select(["item_a", "item_b"]).cast(PAIRS_SCHEMA))
-    if chunk.table == "sequences":
-        return _sequences(table, path, strict)
-    return _items(table, path, strict)
+    try:
+        if chunk.table == "interactions":
+            return interactions.normalise(table, interactions.columns(table.column_names), str(path),
+                                          strict)
+        if chunk.table == "pairs":
+            return ReadResult(table.select(["item_a", "item_b"]).cast(PAIRS_SCHEMA))
+        if chunk.table == "sequences":
+            return _sequences(table, path, strict)
+        return _items(table, path, strict)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        # columns Arrow cannot convert to the canonical types (e.g. 'id999' as an id)
+        raise InputError(path, f"row groups [{chunk.start}, {chunk.stop}) do not convert to the "
+                               f"canonical {chunk.table} table: {e}") from None
 
 
 def _sequences(table: pa.Table, path: Path, strict: bool) -> ReadResult:
@@ -133,11 +139,17 @@ def _sequences(table: pa.Table, path: Path, strict: bool) -> ReadResult:
 
 
 def _items(table: pa.Table, path: Path, strict: bool) -> ReadResult:
-    ids = table.column("item_id").cast(pa.int64()).to_numpy()
+    id_col = interactions.int_column(table.column("item_id"), str(path), "item_id")
+    ok = np.array(pc.is_valid(id_col), dtype=bool)  # writable: NaN rows are masked out below
+    dropped = {}
+    if not ok.all():
+        bad = int((~ok).sum())
+        if strict:
+            raise InputError(path, f"{bad} item row(s) with a null item_id")
+        dropped["null_item_id"] = bad
+    ids = id_col.fill_null(-1).to_numpy()
     out = {}
     dim, dtype = 0, "float32"
-    ok = np.ones(len(ids), dtype=bool)
-    dropped = {}
     if "embedding" in table.column_names:
         col = table.column("embedding").combine_chunks()
         if not pa.types.is_fixed_size_list(col.type):
@@ -148,12 +160,13 @@ def _items(table: pa.Table, path: Path, strict: bool) -> ReadResult:
         if pa.types.is_fixed_size_list(col.type) and col.type.value_type == pa.float16():
             dtype, emb = "float16", emb.astype(np.float16)
         dim = emb.shape[1] if emb.ndim == 2 and len(emb) else getattr(col.type, "list_size", 0)
-        ok = finite_rows(emb)
-        if not ok.all():
-            bad = int((~ok).sum())
+        finite = finite_rows(emb)
+        if not finite[ok].all():  # rows already dropped for a null id are not counted again
+            bad = int((ok & ~finite).sum())
             if strict:
                 raise InputError(path, f"{bad} embedding row(s) hold NaN/Inf")
             dropped["nan_embedding"] = bad
+        ok &= finite
         if dim:
             out["embedding"] = embedding_array(emb[ok])
     schema = items_schema(dim, dtype, "item_key" in table.column_names, "text" in table.column_names)

@@ -118,6 +118,33 @@ def detect(path: str | os.PathLike) -> str:
                         "Parquet, or an interactions CSV with user/item/timestamp columns)")
 
 
+def amazon_files_as_folders(paths: list[str]) -> list[str]:
+    """``paths`` with an Amazon folder's two files, named together, replaced by that folder.
+
+    ``ingest .../user_sequence.txt .../item_text.txt`` is how a user names the dataset;
+    the reader takes their folder (in the place of the first of the two). One of the
+    two named without the other is refused: the reader needs both.
+    """
+    from forge_ray.data.amazon import ITEMS_FILE, SEQUENCES_FILE
+
+    pair = {ITEMS_FILE, SEQUENCES_FILE}
+    named: dict[str, set[str]] = {}
+    for p in paths:
+        if Path(p).name in pair and Path(p).is_file():
+            named.setdefault(os.fspath(Path(p).parent), set()).add(Path(p).name)
+    out: list[str] = []
+    for p in paths:
+        folder = os.fspath(Path(p).parent)
+        if folder not in named or Path(p).name not in pair:
+            out.append(p)
+        elif named[folder] != pair:
+            raise InputError(p, f"an Amazon dataset is {SEQUENCES_FILE} and {ITEMS_FILE} together: "
+                                "name both files (or their folder)")
+        elif folder not in out:
+            out.append(folder)
+    return out
+
+
 def plan(path: str | os.PathLike, fmt: str | None = None, chunk_rows: int = 65_536,
          sid_sizes: tuple[int, ...] = DEFAULT_SID_SIZES) -> list[Chunk]:
     """Validate ``path`` and split it into chunks of about ``chunk_rows`` rows each.

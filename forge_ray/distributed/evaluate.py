@@ -178,7 +178,8 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
     del item_ids, codes
     if algr:  # queries and their true items come ready-made; no training part to count
         examples = gr_data.algr_test_examples(data, vocab).select_columns(["input_ids", "target_items"])
-        rows = examples.count()
+        with gr_data.algr_read_errors(data):
+            rows = examples.count()
         counts = ExampleCounts(sequences=rows, examples=rows)
     else:
         examples = gr_data.sequence_examples(data, sids, vocab, cfg.split, cfg.data, table=table

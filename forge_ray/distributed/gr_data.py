@@ -24,12 +24,13 @@ a plain row stream.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,7 @@ from forge_ray.core.gr.algr import COLUMNS as ALGR_COLUMNS, iter_algr, parse_row
 from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable, Split, build_examples
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.distributed.dataset import read_sequences
+from forge_ray.distributed.remote_errors import user_error
 from forge_ray.errors import InputError
 from forge_ray.io import read_manifest
 
@@ -272,6 +274,26 @@ def algr_test_examples(path: str | os.PathLike, vocab: SIDVocab) -> ray.data.Dat
     (``input_ids``, ``target_items``). Histories are used as the file gives them."""
     return _read_algr(path).map_batches(_algr_test_table, batch_format="pyarrow",
                                         fn_kwargs={"vocab": vocab, "source": os.fspath(path)})
+
+
+@contextlib.contextmanager
+def algr_read_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Run Ray Data jobs reading the AL-GR file ``path``; a file Arrow cannot parse
+    fails as one line naming it.
+
+    Ray Data's read tasks report a row with the wrong number of fields (or bytes that
+    are not UTF-8) as a remote traceback without the file's problem in it. Only then
+    the driver streams the file itself (memory: one block), which raises the one-line
+    InputError naming the file and the row; if it finds nothing, the original error
+    stands.
+    """
+    try:
+        yield
+    except Exception as e:
+        if user_error(e) is None:
+            for _ in iter_algr(path):
+                pass
+        raise
 
 
 def _read_algr(path: str | os.PathLike) -> ray.data.Dataset:

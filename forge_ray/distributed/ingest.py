@@ -91,8 +91,8 @@ def ingest(paths: list[str], out: str | os.PathLike, config: IngestConfig = Inge
     """
     if not paths:
         raise InputError(None, "no input sources given")
-    formats = formats or [None] * len(paths)
-    names = [os.fspath(p) for p in paths]
+    names = sources.amazon_files_as_folders([os.fspath(p) for p in paths])
+    formats = formats or [None] * len(names)
     fmts = [f or sources.detect(p) for p, f in zip(names, formats)]
     plans = [sources.plan(p, f, config.chunk_rows) for p, f in zip(names, fmts)]
     infos = [sources.source_info(p, f) for p, f in zip(names, fmts)]
@@ -304,6 +304,8 @@ def _row_hash(table: pa.Table) -> np.ndarray:
     the CRC32 of their non-id values.
     """
     n = table.num_rows
+    if n == 0:  # e.g. a chunk whose every row was dropped
+        return np.zeros(0, np.uint64)
     if "embedding" in table.schema.names:
         flat = table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
         raw = np.ascontiguousarray(flat).view(np.uint8).reshape(n, -1)

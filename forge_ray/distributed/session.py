@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from typing import Iterator
 
 import ray
+
+from forge_ray.errors import InputError
 
 
 @contextlib.contextmanager
@@ -20,8 +23,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield
         return
+    given = f"--address {address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address, given)
         ray.init(address=address, log_to_driver=True)
     else:
         # address="local" always starts a fresh private cluster: a bare ray.init()
@@ -32,3 +37,20 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, given: str, timeout_s: float = 5.0) -> None:
+    """Refuse a cluster address that nobody answers at, in one line naming it.
+
+    ``ray.init`` keeps retrying an unreachable GCS for many minutes without a word; a
+    TCP connect with a short timeout tells at once. Addresses without a port
+    (``auto``, ``local``) are left to Ray. ``given`` is how the user named it.
+    """
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise InputError(given, f"no Ray cluster answers there ({e.strerror or e}); start one "
+                                "with `ray start --head` or name a running one") from None

@@ -253,11 +253,13 @@ def _example_inputs(cfg: TrainGRConfig, data: str, sids: str | None):
         sizes = gr_data.sid_sizes(sids) if sids else tuple(cfg.data.algr_sizes)
         vocab = SIDVocab(sizes)
         train = gr_data.algr_examples(data, vocab, valid_every=50, part="train")
-        valid = gr_data.algr_examples(data, vocab, valid_every=50, part="valid").take(t.valid_samples)
+        with gr_data.algr_read_errors(data):
+            valid = gr_data.algr_examples(data, vocab, valid_every=50, part="valid").take(t.valid_samples)
         if t.valid_beams > 0:
             raise InputError(data, "AL-GR training input has no item table for beam validation; "
                                    "set train.valid_beams=0 and train.early_stop_metric=valid_loss")
-        counts = ExampleCounts(examples=train.count())
+        with gr_data.algr_read_errors(data):
+            counts = ExampleCounts(examples=train.count())
         return vocab, train, valid, counts, None
     if sids is None:
         raise InputError(data, "a canonical dataset needs --sids SIDS_DIR")

@@ -26,6 +26,34 @@ def test_amazon_beauty(ray_cluster, shared_data, tmp_path):
     assert seqs["item_ids"].to_pylist()[0]  # non-empty, order checked by the reader's tests
 
 
+def test_amazon_named_by_its_two_files(ray_cluster, tmp_path):
+    """`ingest user_sequence.txt item_text.txt` (as a user names them) reads their folder."""
+    folder = tmp_path / "Shop"
+    folder.mkdir()
+    (folder / "item_text.txt").write_text("A1 red shoe\nB2 blue hat\nC3 green bag\n")
+    (folder / "user_sequence.txt").write_text("u1 A1 B2\nu2 C3 A1 B2\n")
+    m = ingest([str(folder / "user_sequence.txt"), str(folder / "item_text.txt")], tmp_path / "ds",
+               IngestConfig(progress=False))
+    assert m["counts"] == {"items": 3, "sequences": 2, "interactions": 5}
+    assert [(s["path"], s["format"]) for s in m["sources"]] == [(str(folder), "amazon")]
+
+
+def test_all_nan_embeddings_dropped_and_counted(ray_cluster, tmp_path):
+    """A Parquet items file whose every embedding is NaN: all dropped and counted (the
+    empty chunk's fingerprint used to crash), refused under --strict."""
+    import pyarrow as pa
+
+    path = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"item_id": pa.array([1, 2, 3], pa.int64()),
+                             "embedding": pa.array([[float("nan"), 0.5]] * 3, pa.list_(pa.float32(), 2))}),
+                   path)
+    m = ingest([str(path)], tmp_path / "ds", IngestConfig(progress=False))
+    assert m["counts"] == {} and m["dropped"] == {"nan_embedding": 3}  # no items left to write
+    with pytest.raises(InputError, match=r"items.parquet: 3 embedding row\(s\) hold NaN/Inf"):
+        ingest([str(path)], tmp_path / "strict", IngestConfig(strict=True, progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "items.parquet"]
+
+
 def test_algr_sample_and_malformed_lines(ray_cluster, shared_data, tmp_path):
     sample = shared_data / "algr" / "train_data_sample.tsv"
     bad = tmp_path / "bad.tsv"

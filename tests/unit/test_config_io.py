@@ -130,3 +130,11 @@ def test_output_may_not_overlap_an_input(tmp_path):
     assert _tree(tmp_path) == before
     with atomic_dir(tmp_path / "data2", kind="sids", inputs=[data]) as tmp:  # a sibling is fine
         write_manifest(tmp, "sids")
+
+
+def test_config_that_is_not_text(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"steps: 3\n\x89PNG\xff\xfe")
+    with pytest.raises(ConfigError, match=r"c.yaml: not a text \(UTF-8\) file: byte 9 is 0x89") as err:
+        load_config(Outer, path)
+    assert "\n" not in str(err.value)

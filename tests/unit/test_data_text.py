@@ -88,6 +88,23 @@ def test_algr_malformed_rows_dropped_or_refused(tmp_path):
     _one_line(err, path)
 
 
+def test_algr_overflowing_codes_and_non_utf8_rows_are_malformed(tmp_path):
+    """A C-token or answer id beyond int64 and a row that is not UTF-8 are dropped and
+    counted like any malformed row (refused under strict), not a numpy/decode crash."""
+    path = _algr(tmp_path, [("ok", "s", "C1C8193C16385", "C2C8194C16386"),
+                            ("big_token", "s", "C99999999999999999999999C8193C16385", "C2C8194C16386"),
+                            ("big_answer_sid", "s", "C1C8193C16385", "C2C8194C99999999999999999999"),
+                            ("big_target", "s", "C1C8193C16385", "11;99999999999999999999")])
+    with open(path, "ab") as f:
+        f.write(b"latin1\ts\t\xe9t\xe9 C1C8193C16385\tC2C8194C16386\n")
+    seqs, dropped = _read_all(path, "sequences")
+    assert seqs["user_key"].to_pylist() == ["ok"]
+    assert dropped == {"malformed_sid": 2, "malformed_answer": 1, "malformed_line": 1}
+    with pytest.raises(InputError, match="malformed sid in the row at byte") as err:
+        sources.read_chunk(sources.plan(path)[0], strict=True)
+    _one_line(err, path)
+
+
 def test_algr_custom_sizes_and_chunk_boundaries(tmp_path):
     rng = np.random.default_rng(0)
     sizes = (16, 16)
@@ -229,6 +246,49 @@ def test_parquet_variable_width_embeddings_refused(tmp_path):
     with pytest.raises(InputError, match="differing widths") as err:
         _read_all(path, "items")
     _one_line(err, path)
+
+
+def test_parquet_item_ids_null_or_not_integers(tmp_path):
+    """Null ids are dropped and counted (refused when strict); ids that are not
+    integers ('id999') are refused; a chunk whose every row is dropped is empty."""
+    path = tmp_path / "items.parquet"
+    emb = pa.array([[0.1, 0.2]] * 3, pa.list_(pa.float32(), 2))
+    pq.write_table(pa.table({"item_id": pa.array([1, None, 3], pa.int64()), "embedding": emb}), path)
+    items, dropped = _read_all(path, "items")
+    assert items["item_id"].to_pylist() == [1, 3] and dropped == {"null_item_id": 1}
+    with pytest.raises(InputError, match=r"1 item row\(s\) with a null item_id") as err:
+        sources.read_chunk(sources.plan(path)[0], strict=True)
+    _one_line(err, path)
+    pq.write_table(pa.table({"item_id": ["id1", "id2", "id999"], "embedding": emb}), path)
+    with pytest.raises(InputError, match="column 'item_id' must hold integer ids, found string") as err:
+        _read_all(path, "items")
+    _one_line(err, path)
+    nan = pa.array([[float("nan"), 0.2]] * 3, pa.list_(pa.float32(), 2))
+    pq.write_table(pa.table({"item_id": pa.array([1, None, 3], pa.int64()), "embedding": nan}), path)
+    items, dropped = _read_all(path, "items")
+    assert items.num_rows == 0 and dropped == {"null_item_id": 1, "nan_embedding": 2}
+
+
+def test_parquet_pairs_that_do_not_convert(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"item_a": ["a", "b"], "item_b": [1, 2]}), path)
+    with pytest.raises(InputError, match="do not convert to the canonical pairs table") as err:
+        _read_all(path, "pairs")
+    _one_line(err, path)
+
+
+def test_amazon_files_named_as_their_folder(tmp_path):
+    folder = tmp_path / "Beauty"
+    folder.mkdir()
+    seqs, items = folder / "user_sequence.txt", folder / "item_text.txt"
+    seqs.write_text("u1 A B\n")
+    items.write_text("A a\nB b\n")
+    other = str(tmp_path / "x.npz")
+    assert sources.amazon_files_as_folders([other, str(items), str(seqs)]) == [other, str(folder)]
+    assert sources.amazon_files_as_folders([str(folder)]) == [str(folder)]
+    with pytest.raises(InputError, match="name both files") as err:
+        sources.amazon_files_as_folders([str(seqs)])
+    _one_line(err, seqs)
 
 
 def test_parquet_unknown_columns(tmp_path):

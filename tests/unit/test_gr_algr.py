@@ -69,3 +69,22 @@ def test_bad_files_give_one_line_errors(tmp_path):
     no_items.write_text("id\tsystem\tuser\tanswer\nr9\tsys\thist:C1C8193C16385\t;\n")
     with pytest.raises(InputError, match="e.tsv: row r9: answer holds no item ids"):
         list(algr.read_algr(no_items, VOCAB, answer="items"))
+
+
+def test_token_beyond_int64_and_bad_rows_are_one_line_errors(tmp_path):
+    from forge_ray.core.sid.codes import parse_sid_sequence
+
+    with pytest.raises(ValueError, match="exceeds int64"):
+        parse_sid_sequence("C99999999999999999999999C8193C16385", VOCAB.sizes)
+    path = tmp_path / "a.tsv"
+    path.write_text("id\tsystem\tuser\tanswer\nu1\ts\tC99999999999999999999999C8193C16385\tC1C8193C16385\n")
+    with pytest.raises(InputError, match="row u1: user field: a C-token number exceeds int64"):
+        list(algr.read_algr(path, VOCAB, "sid"))
+    path.write_text("id\tsystem\tuser\tanswer\nu1\ts\tC1C8193C16385\t1;99999999999999999999\n")
+    with pytest.raises(InputError, match="row u1: answer '1;9+' is not ';'-separated item ids"):
+        list(algr.read_algr(path, VOCAB, "items"))
+    for body in (b"u1\ts\tC1C8193C16385\n", b"u1\ts\t\xff C1C8193C16385\tC1C8193C16385\n"):
+        path.write_bytes(b"id\tsystem\tuser\tanswer\n" + body)  # 3 fields; not UTF-8
+        with pytest.raises(InputError, match="malformed AL-GR row") as err:
+            list(algr.iter_algr(path))
+        assert "\n" not in str(err.value) and str(err.value).startswith(str(path))

@@ -45,15 +45,15 @@ def iter_algr(path: str | os.PathLike, block_bytes: int = 64 << 20) -> Iterator[
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "AL-GR file not found")
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\r\n").split("\t")
+    with open(path, "rb") as f:
+        header = f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")
     if tuple(header) != COLUMNS:
         raise InputError(path, f"header is {header[:6]}, expected tab-separated {list(COLUMNS)}")
-    reader = pacsv.open_csv(
-        path, read_options=pacsv.ReadOptions(block_size=block_bytes),
-        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS}))
-    try:
+    try:  # opening parses the first block already: a bad row there raises here
+        reader = pacsv.open_csv(
+            path, read_options=pacsv.ReadOptions(block_size=block_bytes),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS}))
         for batch in reader:
             yield {c: batch.column(c).to_pylist() for c in COLUMNS}
     except pa.ArrowInvalid as e:
@@ -94,7 +94,7 @@ def parse_rows(rows: dict[str, list[str]], vocab: SIDVocab, answer: AnswerKind,
             try:
                 targets[i] = np.asarray([int(x) for x in (text or "").split(";") if x.strip()],
                                         dtype=np.int64)
-            except ValueError:
+            except (ValueError, OverflowError):  # not digits, or an id beyond int64
                 raise InputError(source, f"row {rid}: answer {text[:40]!r} is not ';'-separated item ids") from None
             if not len(targets[i]):  # a query with nothing to find has no recall
                 raise InputError(source, f"row {rid}: answer holds no item ids")

@@ -71,7 +71,19 @@ def parse_sid_sequence(text: str, sizes: Sequence[int]) -> np.ndarray:
     n_levels = len(sizes)
     if len(tokens) % n_levels:
         raise ValueError(f"{len(tokens)} tokens is not a multiple of {n_levels} levels")
-    return tokens_to_codes(np.asarray(tokens, dtype=np.int64).reshape(-1, n_levels), sizes)
+    return tokens_to_codes(token_array(tokens).reshape(-1, n_levels), sizes)
+
+
+def token_array(numbers: Sequence[int | str]) -> np.ndarray:
+    """Token numbers (the N of ``C{N}``, as ints or digit strings) -> (n,) int64.
+
+    ValueError when one does not fit int64 (``C99999999999999999999`` in a corrupt
+    file), instead of numpy's OverflowError.
+    """
+    try:
+        return np.asarray([int(n) for n in numbers], dtype=np.int64)
+    except OverflowError:
+        raise ValueError(f"a C-token number exceeds int64 ({max(map(int, numbers))})") from None
 
 
 def pack_codes(codes: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
