@@ -13,7 +13,6 @@ Usage: ``python bench/bench_assign.py --items 100000 --dim 64 --sizes 256 256 25
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -81,7 +80,6 @@ def main():
     from forge_ray.config import load_config
     from forge_ray.distributed.assign import AssignConfig, assign
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_times = {}

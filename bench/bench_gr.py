@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -91,7 +90,6 @@ def train_bench(args) -> None:
             f"train.eval_every={args.steps}", "train.log_every=1", "train.valid_beams=0",
             "train.early_stop_metric=valid_loss", f"scale.num_workers={args.workers}",
             f"train.micro_batch={args.micro_batch}", f"scale.checkpoint_every={args.steps}"])
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(address="local", num_cpus=4, include_dashboard=False)
         train_gr(cfg, ds, sids, tmp / "model")
         ray.shutdown()

@@ -14,12 +14,10 @@ Results go to docs/benchmarks.md by hand ("Sweeps" and "Pipeline" sections).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 

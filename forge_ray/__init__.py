@@ -7,12 +7,33 @@ used only in :mod:`forge_ray.distributed`.
 
 __version__ = "0.1.0"
 
-from forge_ray.config import load_config
-from forge_ray.errors import ConfigError, ForgeRayError, InputError
-from forge_ray.io import atomic_dir, read_manifest, write_manifest
+from forge_ray import ray_env
+
+ray_env.default_to_loopback()  # before anything imports ray (see forge_ray.ray_env)
+
+from forge_ray.config import load_config  # noqa: E402
+from forge_ray.errors import ConfigError, ForgeRayError, InputError  # noqa: E402
+from forge_ray.io import atomic_dir, read_manifest, write_manifest  # noqa: E402
+
+# Heavier parts (torch, transformers) load on first use, so `import forge_ray` stays cheap.
+_LAZY = {"Recommender": "forge_ray.serving.recommender", "Recommendation": "forge_ray.serving.recommender",
+         "SidTable": "forge_ray.sid_table", "add_items": "forge_ray.serving.add_items"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'forge_ray' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",
+    "Recommendation",
+    "Recommender",
+    "SidTable",
+    "add_items",
     "ConfigError",
     "ForgeRayError",
     "InputError",

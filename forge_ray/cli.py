@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
-from forge_ray import __version__
+from forge_ray import __version__, ray_env
 from forge_ray.errors import ForgeRayError
 
 # name -> (module under forge_ray.commands, one-line help)
@@ -60,12 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     name, rest = argv[0], argv[1:]
-    if not any(a == "--address" or a.startswith("--address=") for a in rest) \
-            and not os.environ.get("RAY_ADDRESS"):
-        # A cluster we start ourselves stays on loopback: Ray reads this flag at
-        # import time and then takes 127.0.0.1 as the node address instead of the
-        # machine's public interface (so nothing listens on a public address).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if any(a == "--address" or a.startswith("--address=") for a in rest):
+        ray_env.joining_a_cluster()  # a cluster we start ourselves stays on loopback; this one is not ours
     # Intermixed: KEY=VALUE overrides may come before or after the options.
     args = command_parser(name).parse_intermixed_args(rest)
     args.command = name
