@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from forge_ray import __version__, ray_env
+from forge_ray import __version__, logs, ray_env
 from forge_ray.errors import ForgeRayError
 
 # name -> (module under forge_ray.commands, one-line help)
@@ -49,6 +49,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of one subcommand, with its module's own arguments."""
     parser = argparse.ArgumentParser(prog=f"forge-ray {name}", description=COMMANDS[name][1])
     importlib.import_module(f"forge_ray.commands.{COMMANDS[name][0]}").add_arguments(parser)
+    logs.add_arguments(parser)  # -v / -q on every subcommand
     return parser
 
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     # Intermixed: KEY=VALUE overrides may come before or after the options.
     args = command_parser(name).parse_intermixed_args(rest)
     args.command = name
+    logs.setup(args.verbosity)  # before the stage starts Ray
     module = importlib.import_module(f"forge_ray.commands.{COMMANDS[name][0]}")
     try:
         return int(module.run(args) or 0)

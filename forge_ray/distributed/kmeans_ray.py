@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from forge_ray.core.quantize.base import code_costs
+from forge_ray.core.quantize.base import as_tensor, code_costs
 from forge_ray.core.quantize.kmeans import Assignment
 from forge_ray.data.schema import embeddings_to_numpy
 
@@ -39,9 +39,9 @@ Level = tuple[np.ndarray, np.ndarray | None]  # (centroids (K, D) float32, bias 
 def residualize(x: torch.Tensor, chain: list[Level]) -> torch.Tensor:
     """(B, D) rows minus the nearest (biased) code of each fitted level, in order."""
     r = x.clone()
-    for centroids, bias in chain:
-        c = torch.from_numpy(centroids)
-        b = None if bias is None else torch.from_numpy(bias)
+    for centroids, bias in chain:  # task arguments: read-only arrays
+        c = as_tensor(centroids)
+        b = None if bias is None else as_tensor(bias)
         r -= c[code_costs(r, c, "l2", b).argmin(dim=1)]
     return r
 
@@ -51,13 +51,13 @@ def _assign_shard(path: str, chain: list[Level], centroids: np.ndarray, bias: np
                   batch_size: int) -> Assignment:
     torch.set_num_threads(1)  # one task per CPU: intra-op threads would oversubscribe
     k, dim = centroids.shape
-    c = torch.from_numpy(centroids)
-    b = None if bias is None else torch.from_numpy(bias)
+    c = as_tensor(centroids)
+    b = None if bias is None else as_tensor(bias)
     sums = torch.zeros(k, dim, dtype=torch.float64)
     counts = torch.zeros(k, dtype=torch.int64)
     objective = 0.0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["embedding"]):
-        r = residualize(torch.from_numpy(embeddings_to_numpy(batch["embedding"])), chain)
+        r = residualize(as_tensor(embeddings_to_numpy(batch["embedding"])), chain)
         d, a = code_costs(r, c, "l2", b).min(dim=1)
         sums.index_add_(0, a, r.double())
         counts += torch.bincount(a, minlength=k)

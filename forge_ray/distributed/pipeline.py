@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -50,6 +51,7 @@ StageName = Literal["synth", "ingest", "embed", "train_sid", "assign", "sid_metr
                     "eval_gr"]
 STATE_FILE = "state.json"
 KIND = "pipeline"  # manifest kind of RUN_DIR itself
+log = logging.getLogger(__name__)
 # keys of a stage section that are the stage's inputs, not fields of its config class
 INPUT_KEYS = {"ingest": {"sources"}, "sid_metrics": {"with_data"}}
 # upstream stages whose outputs each stage reads ("data" = embed if it ran, else ingest)
@@ -210,7 +212,7 @@ class _Run:
                     shutil.rmtree(path, ignore_errors=True)
         self.state[stage] = {"fingerprint": fp, "status": "running", "runs": mine}
         save_state(self.dir, self.state)
-        print(f"[pipeline] {stage} -> {out}", flush=True)
+        log.info(f"[pipeline] {stage} -> {out}")
         t0 = time.perf_counter()
         result = action()
         seconds = round(time.perf_counter() - t0, 2)

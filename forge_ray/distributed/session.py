@@ -9,6 +9,7 @@ from typing import Iterator
 
 import ray
 
+from forge_ray import logs
 from forge_ray.errors import InputError
 
 
@@ -19,6 +20,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     A cluster started here is local and private: the dashboard and job server bind
     to loopback only. Only a connection opened here is shut down on exit, so
     library calls inside an existing session (tests, Tune trials) leave it alone.
+    Log levels and Ray Data progress follow :mod:`forge_ray.logs`.
     """
     if ray.is_initialized():
         yield
@@ -27,12 +29,15 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address, given)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **logs.ray_init_kwargs())
     else:
         # address="local" always starts a fresh private cluster: a bare ray.init()
-        # would silently join any other Ray instance running on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 dashboard_host="127.0.0.1")
+        # would silently join any other Ray instance running on this machine. The
+        # dashboard serves Ray's State API, which Ray Train's placement-group cleaner
+        # polls every second (without it, it logs a warning each time).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", **logs.ray_init_kwargs())
+    logs.configure_ray_data()
     try:
         yield
     finally:

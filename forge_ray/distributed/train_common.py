@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -23,9 +24,10 @@ from typing import Any, Callable
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from forge_ray import logs
 from forge_ray.config import ScaleConfig
 from forge_ray.errors import ForgeRayError, InputError
 
@@ -75,11 +77,17 @@ def init_deepspeed(model, ds_config: dict, lr_lambda: Callable[[int], float] | N
     ``lr_lambda(step) -> factor`` (warm-up / cosine schedules) becomes a LambdaLR
     over DeepSpeed's optimizer, stepped by the engine.
     """
-    import deepspeed
     import torch
+
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        # DeepSpeed probes for accelerators on import and warns when it settles on
+        # the CPU; naming it skips the probe (and the warning) on a CPU worker.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
     from deepspeed.ops import __compatible_ops__ as ds_ops
 
-    if not torch.cuda.is_available():
+    if cpu:
         # The shared-memory allreduce op only speeds up CPU collectives and costs a
         # C++ compile (about a minute) on first use; gloo does the job without it.
         ds_ops["deepspeed_shm_comm"] = False
@@ -183,7 +191,10 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scale: ScaleConfig,
         run_config=RunConfig(
             name=name, storage_path=os.fspath(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=scale.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints)),
+            checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints),
+            # Ray Train's own console logs (worker group start, every checkpoint
+            # report) are INFO: shown with -v only
+            logging_config=LoggingConfig(log_level=logging.getLevelName(logs.ray_level()))),
         datasets=datasets,
     )
     try:

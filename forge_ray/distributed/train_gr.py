@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import time
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from forge_ray import logs
 from forge_ray.config import ScaleConfig, require, to_dict
 from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable
 from forge_ray.core.gr.models import GRModelConfig, build_model, count_parameters, save_model
@@ -43,6 +45,9 @@ from forge_ray.distributed.gr_data import GRDataConfig
 from forge_ray.errors import InputError
 
 MODEL_KIND = "gr_model"
+# Not print() in a Ray Train worker: Ray Train patches print to log the line, and
+# also writes it to stdout because Ray workers replace sys.stdout: it shows twice.
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,6 +135,7 @@ def _worker(cfg: dict) -> None:
     from forge_ray.core.gr.data import collate_causal, collate_seq2seq
     from forge_ray.distributed.train_common import RunReporter, init_deepspeed
 
+    logs.setup_worker(cfg["log_levels"])
     t = cfg["train"]
     torch.manual_seed(t["seed"])
     vocab = SIDVocab(tuple(cfg["sizes"]))
@@ -185,8 +191,8 @@ def _worker(cfg: dict) -> None:
                 row = {"train/loss": float(stats[0]) / dist.get_world_size(),
                        "train/lr": engine.get_lr()[0], "train/tokens_per_s": rate}
                 reporter.log(row, step)
-                print(f"[train-gr] step {step}/{total} epoch {epoch} loss {row['train/loss']:.4f} "
-                      f"{rate:,.0f} tok/s", flush=True)
+                log.info(f"[train-gr] step {step}/{total} epoch {epoch} loss {row['train/loss']:.4f} "
+                         f"{rate:,.0f} tok/s")
             if step % t["eval_every"] == 0 or step >= total:
                 decision = [None]
                 if rank == 0:
@@ -200,7 +206,7 @@ def _worker(cfg: dict) -> None:
                         bad += 1
                     history.append({"step": step, **metrics})
                     reporter.log({f"valid/{k}": v for k, v in metrics.items()}, step)
-                    print(f"[train-gr] step {step} validation {json.dumps(metrics)}", flush=True)
+                    log.info(f"[train-gr] step {step} validation {json.dumps(metrics)}")
                     decision = [t["patience"] > 0 and bad >= t["patience"]]
                 dist.broadcast_object_list(decision, src=0)
                 stop = bool(decision[0])
@@ -346,11 +352,12 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
                                           grad_accum=t.grad_accum, world_size=world, lr=t.lr,
                                           weight_decay=t.weight_decay, use_gpu=scale.use_gpu),
             "run_dir": os.fspath((storage / cfg.run.name / "logs").resolve()),
-            "fingerprint": fingerprint(shape), "valid_ref": ray.put(valid), "trie_ref": ray.put(trie)}
-    print(f"[train-gr] {counts.examples:,} training examples "
-          f"({'cached' if example_mb <= scale.cache_mb else 'streamed'}, <= {example_mb:,.1f} MiB), "
-          f"{total} optimizer steps of {per_step}, "
-          f"{count_parameters(cfg.model, vocab):,} parameters, {world} workers", flush=True)
+            "fingerprint": fingerprint(shape), "valid_ref": ray.put(valid), "trie_ref": ray.put(trie),
+            "log_levels": logs.worker_levels()}
+    log.info(f"[train-gr] {counts.examples:,} training examples "
+             f"({'cached' if example_mb <= scale.cache_mb else 'streamed'}, <= {example_mb:,.1f} MiB), "
+             f"{total} optimizer steps of {per_step}, "
+             f"{count_parameters(cfg.model, vocab):,} parameters, {world} workers")
     result = fit(_worker, loop, scale, storage, cfg.run.name,
                  datasets={"train": train_ds.randomize_block_order(seed=t.seed)})
     if "nan_step" in (result.metrics or {}):

@@ -146,7 +146,7 @@ def pad_sequences(seqs: Sequence[np.ndarray], pad_value: int, side: Literal["lef
     for i, s in enumerate(seqs):
         n = len(s)
         sl = slice(longest - n, longest) if side == "left" else slice(0, n)
-        ids[i, sl] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+        ids[i, sl] = torch.from_numpy(np.array(s, dtype=np.int64))  # a copy: s may be read-only
         mask[i, sl] = 1
     return ids, mask
 
@@ -169,5 +169,5 @@ def collate_causal(input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray]
     ids, mask = pad_sequences(seqs, vocab.pad_id)
     lab = torch.full_like(ids, IGNORE)
     for i, (p, t) in enumerate(zip(input_ids, labels)):
-        lab[i, len(p): len(p) + len(t)] = torch.as_tensor(np.asarray(t, dtype=np.int64))
+        lab[i, len(p): len(p) + len(t)] = torch.from_numpy(np.array(t, dtype=np.int64))
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}

@@ -54,6 +54,16 @@ class Quantizer(Protocol):
 
 # ----------------------------------------------------------------------------- nearest codes
 
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy(a)``, copying ``a`` first if it is read-only.
+
+    Arrays that come through Ray (task arguments, ``ray.get``, Ray Data batches) are
+    read-only views of the object store; a tensor sharing their memory would be
+    writable, which torch warns about.
+    """
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def code_costs(r: torch.Tensor, codebook: torch.Tensor, distance: Distance = "l2",
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """Assignment cost of every row to every code; lower is better.

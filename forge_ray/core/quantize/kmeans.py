@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 import torch
 
-from forge_ray.core.quantize.base import code_costs
+from forge_ray.core.quantize.base import as_tensor, code_costs
 
 
 @dataclasses.dataclass
@@ -96,10 +96,10 @@ class ArrayData:
         return self.x[np.sort(idx)]
 
     def _batches(self, centroids: np.ndarray, bias: np.ndarray | None):
-        c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
-        b = None if bias is None else torch.from_numpy(np.asarray(bias, dtype=np.float32))
+        c = as_tensor(np.ascontiguousarray(centroids, dtype=np.float32))
+        b = None if bias is None else as_tensor(np.asarray(bias, dtype=np.float32))
         for i in range(0, len(self.x), self.batch_size):
-            xb = torch.from_numpy(self.x[i:i + self.batch_size])
+            xb = as_tensor(self.x[i:i + self.batch_size])
             cost = code_costs(xb, c, "l2", b)  # (B, K)
             d, a = cost.min(dim=1)
             yield i, xb, a, d
@@ -119,7 +119,7 @@ class ArrayData:
     def residual(self, centroids: np.ndarray, bias: np.ndarray | None = None) -> "ArrayData":
         out = np.empty_like(self.x)
         for i, xb, a, _ in self._batches(centroids, bias):
-            out[i:i + len(xb)] = (xb - torch.from_numpy(centroids)[a]).numpy()
+            out[i:i + len(xb)] = (xb - as_tensor(centroids)[a]).numpy()
         return ArrayData(out, self.batch_size)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from forge_ray.config import require
 from forge_ray.core.quantize.balanced import sinkhorn_bias
-from forge_ray.core.quantize.base import (batched, check_codes, check_embeddings, code_costs,
+from forge_ray.core.quantize.base import (as_tensor, batched, check_codes, check_embeddings, code_costs,
                                           nearest_codes, ranked_codes, saved_config_and_weights,
                                           write_quantizer_json)
 from forge_ray.core.quantize.kmeans import ArrayData, KMeansData, kmeans
@@ -129,12 +129,12 @@ class RQKMeans:
             raise RuntimeError("RQKMeans is not fitted (call fit or load)")
 
     def _tensors(self):
-        return [torch.from_numpy(c) for c in self.codebooks], [torch.from_numpy(b) for b in self.biases]
+        return [as_tensor(c) for c in self.codebooks], [as_tensor(b) for b in self.biases]
 
     def _prefix(self, xb: np.ndarray, levels: int):
         """(B, D) -> ((B, levels) codes, (B, D) residual after those levels)."""
         cbs, biases = self._tensors()
-        r = torch.from_numpy(xb).clone()
+        r = torch.from_numpy(np.array(xb))  # a copy: updated in place below (and xb may be read-only)
         codes = torch.empty(len(xb), levels, dtype=torch.int64)
         for level in range(levels):
             codes[:, level] = nearest_codes(r, cbs[level], "l2", biases[level])
