@@ -134,8 +134,8 @@ def read_json_in(folder: str | os.PathLike, name: str, missing: str, what: str) 
     if not path.is_file():
         raise InputError(folder, f"no {name} ({missing})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not JSON, or not even text
         raise InputError(path, f"corrupt {what}: {e}") from None
 
 

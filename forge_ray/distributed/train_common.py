@@ -56,9 +56,12 @@ def deepspeed_config(name: str, *, micro_batch: int, grad_accum: int, world_size
     if not path.is_file():
         raise InputError(name, "DeepSpeed config not found (looked in cluster/deepspeed/ too)")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(path, f"invalid DeepSpeed JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(path, f"invalid DeepSpeed JSON: expected an object of settings, found "
+                               f"{type(cfg).__name__}")
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = grad_accum
