@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except ForgeRayError as e:
         print(f"forge-ray {name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"forge-ray {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # a stage that knows where it stopped says so ("at step N; rerun ... to resume ...")
+        where = f" {e}" if str(e) else ""
+        print(f"forge-ray {name}: interrupted{where}", file=sys.stderr)
         return 130
 
 

@@ -15,7 +15,6 @@ one pair batch (``train.batch_size`` / ``train.pair_batch_size`` rows).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from forge_ray import logs
 from forge_ray.core.quantize.losses import LossConfig
 from forge_ray.core.quantize.rqvae import RQVAE, RQVAEConfig
 from forge_ray.core.quantize.train_loop import batch_kinds, compute_loss
@@ -33,7 +33,6 @@ from forge_ray.core.schedule import warmup_cosine_factor
 from forge_ray.distributed.train_common import RunReporter, init_deepspeed
 
 FINAL_DIR = "final_quantizer"  # rank 0 saves the trained quantizer here, inside run_dir
-NAN_FILE = "stopped_nan.json"  # rank 0 writes {"nan_step": s} here when the loss is not finite
 
 
 def _batches(name: str, batch_size: int):
@@ -77,6 +76,7 @@ def _debug_fault(debug: dict, rank: int, step: int) -> None:
 def rqvae_worker(cfg: dict) -> None:
     """Train the RQ-VAE for ``cfg["total_steps"]`` optimizer steps (resuming if a
     checkpoint exists); rank 0 saves the result under ``run_dir/final_quantizer``."""
+    logs.setup_worker(cfg["log_levels"])
     if cfg["torch_threads"]:
         torch.set_num_threads(cfg["torch_threads"])
     rank = ray.train.get_context().get_world_rank()
@@ -111,9 +111,7 @@ def rqvae_worker(cfg: dict) -> None:
         bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0], device=engine.device)
         dist.all_reduce(bad)  # every rank stops at the same step if any rank saw NaN
         if bad.item():  # no checkpoint: the last good one stays the latest
-            if rank == 0:  # Ray's Result only carries checkpointed metrics: tell the driver by file
-                (Path(cfg["run_dir"]) / NAN_FILE).write_text(json.dumps({"nan_step": step}))
-            reporter.close()
+            reporter.stop(f"loss became NaN at step {step}")
             return
         engine.backward(loss)
         engine.step()
@@ -130,12 +128,16 @@ def rqvae_worker(cfg: dict) -> None:
             for book in module.codebooks:
                 safe_set_full_fp32_param(book, book.data)
         step += 1
+        reporter.progress(step)
         bar.update(1)
         if step % train["log_every"] == 0 or step == total:
             rate = world * window_rows / (time.perf_counter() - window_start)  # all ranks alike
             reporter.log({"lr": engine.get_lr()[0], "samples_per_s": rate,
+                          "skipped_steps": int(engine.skipped_steps),
                           **{k: sum(v) / len(v) for k, v in window.items()}}, step)
             window, window_rows, window_start = {}, 0, time.perf_counter()
+        if step == total and reporter.skipped_most(engine, step):
+            return
         if step % cfg["checkpoint_every"] == 0 or step == total:
             reporter.report({"step": step, "loss": metrics["loss"]}, engine=engine,
                             client_state={"step": step})

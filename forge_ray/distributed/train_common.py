@@ -6,19 +6,29 @@ The per-worker function of each stage gets everything through its config dict
 included), tags every checkpoint with a fingerprint of the model-shaping config,
 and writes TensorBoard events plus ``metrics.jsonl`` on rank 0.
 
-Resume: Ray Train restores a run from the latest checkpoint when the same run name
+Resume: a run continues from its newest complete checkpoint when the same run name
 and storage path are used again, both after a worker crash (``FailureConfig``)
-and after the whole job was stopped.
+and after the whole job was stopped (see :func:`newest_checkpoint`).
+
+Early stops: a worker that must stop the run (non-finite loss, most optimizer steps
+skipped) calls :meth:`RunReporter.stop`; :func:`fit` raises the reason on the driver.
+Ctrl-C on the driver raises :class:`TrainingInterrupted` naming the step reached and
+the checkpoint a rerun resumes from.
+
+Listeners: the torch.distributed rendezvous store binds to the node's Ray address
+(127.0.0.1 on a local cluster), not to every interface (:class:`NodeBoundTorchConfig`).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +36,7 @@ import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
 from forge_ray import logs
 from forge_ray.config import ScaleConfig
@@ -33,10 +44,53 @@ from forge_ray.errors import ForgeRayError, InputError
 
 REPO_DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed"
 FINGERPRINT_FILE = "forge_ray_fingerprint.json"
+DONE_FILE = "forge_ray_rank{}.done"  # in a checkpoint folder: that rank's part is on storage
+STOP_FILE = "forge_ray_stopped.json"  # in the run folder: why the workers stopped early
+PROGRESS_FILE = "forge_ray_step"  # in the run folder: the last optimizer step rank 0 finished
 
 
 class TrainingError(ForgeRayError):
     """Training stopped for a reason the user must act on (NaN loss, bad resume)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`; the message says where the run stopped and how to resume
+    (the CLI prints it after "interrupted" and exits 130)."""
+
+
+def newest_checkpoint(run_dir: Path, registered: str | os.PathLike | None = None) -> Path | None:
+    """The newest complete checkpoint folder of a Ray Train run (None if it has none).
+
+    Ray Train V2 records a checkpoint in its run snapshot only after its controller
+    has collected every rank's report, one report at a time; a run stopped (SIGINT,
+    SIGKILL, driver crash) in between leaves one or two newer checkpoints on disk that
+    the snapshot does not name, so Ray alone resumes from an older one. Each rank marks
+    its part of a checkpoint done once ``ray.train.report`` returned (the upload is
+    synchronous), so a folder with every rank's mark is complete. ``registered``
+    (Ray's latest checkpoint) counts as complete; a folder half uploaded never does.
+    """
+    found = [p for p in Path(run_dir).glob("checkpoint_*") if _checkpoint_step(p) is not None]
+    if registered is not None:
+        found.append(Path(registered))
+    # Ray names the folders checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>: names sort by time
+    return max(found, key=lambda p: p.name, default=None)
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step of a complete checkpoint folder (rank 0's mark), None if incomplete."""
+    mark = folder / DONE_FILE.format(0)
+    if not mark.is_file():
+        return None
+    info = json.loads(mark.read_text())
+    done = all((folder / DONE_FILE.format(r)).is_file() for r in range(1, info["world"]))
+    return int(info["step"]) if done else None
+
+
+def _write_small(path: Path, text: str) -> None:
+    """Write a marker whole or not at all (a reader never sees half of it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def fingerprint(shape_config: dict) -> str:
@@ -118,30 +172,65 @@ class RunReporter:
         self.rank = self.ctx.get_world_rank()
         self.fingerprint = shape_fingerprint
         self.run_dir = Path(run_dir)
+        # Ray Train's folder of this run (fit() always gives a local storage path)
+        self.experiment_dir = Path(self.ctx.get_storage().experiment_fs_path)
         self._tb = None
         self._jsonl = None
+        self._progress = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
             self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+            self.experiment_dir.mkdir(parents=True, exist_ok=True)
+            self._progress = open(self.experiment_dir / PROGRESS_FILE, "w")
 
     def restore(self, engine) -> dict:
-        """Load the latest checkpoint into ``engine``; returns its client state ({} if none)."""
+        """Load the newest complete checkpoint into ``engine``; returns its client state ({} if none)."""
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
+        folder = newest_checkpoint(self.experiment_dir, ckpt.path if ckpt is not None else None)
+        if folder is None:
             return {}
-        with ckpt.as_directory() as folder:
-            fp_path = Path(folder) / FINGERPRINT_FILE
-            found = json.loads(fp_path.read_text())["fingerprint"] if fp_path.exists() else None
-            if found != self.fingerprint:
-                raise TrainingError(
-                    f"{ckpt.path}: checkpoint was written by another config "
-                    f"(fingerprint {found}, this config {self.fingerprint}); "
-                    "use a new run name or the original config")
-            _, client_state = engine.load_checkpoint(folder)
+        fp_path = folder / FINGERPRINT_FILE
+        found = json.loads(fp_path.read_text())["fingerprint"] if fp_path.exists() else None
+        if found != self.fingerprint:
+            raise TrainingError(
+                f"{folder}: checkpoint was written by another config "
+                f"(fingerprint {found}, this config {self.fingerprint}); "
+                "use a new run name or the original config")
+        _, client_state = engine.load_checkpoint(os.fspath(folder))
+        self.progress(int(engine.global_steps))
         return client_state or {}
+
+    def progress(self, step: int) -> None:
+        """Rank 0: note the optimizer step just finished (read by the driver on Ctrl-C).
+
+        Fixed-width overwrite in place: one small write per step, no new file.
+        """
+        if self._progress is not None:
+            self._progress.seek(0)
+            self._progress.write(f"{step:>20}\n")
+            self._progress.flush()
+
+    def stop(self, reason: str) -> None:
+        """Every rank, together: end the run early without a checkpoint (the last good one
+        stays the newest); :func:`fit` raises ``reason`` on the driver. Ray's Result keeps
+        only metrics reported with a checkpoint, so rank 0 tells the driver by file."""
+        if self.rank == 0:
+            _write_small(self.experiment_dir / STOP_FILE, json.dumps({"reason": reason}))
+        self.close()
+
+    def skipped_most(self, engine, steps: int) -> bool:
+        """True (and the run stopped) when DeepSpeed skipped most of the ``steps`` optimizer
+        steps so far: on an overflow ("OVERFLOW! Skipping step") it drops the update, so the
+        weights barely moved although the step count ran on. Same answer on every rank."""
+        skipped = int(engine.skipped_steps)  # restored from the checkpoint on resume
+        if steps > 0 and 2 * skipped > steps:
+            self.stop(f"DeepSpeed skipped {skipped} of {steps} optimizer steps (gradients overflowed), "
+                      f"so the model did not train; lower train.lr or train.weight_decay")
+            return True
+        return False
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Rank 0: append to TensorBoard and metrics.jsonl."""
@@ -167,30 +256,98 @@ class RunReporter:
                 (Path(folder) / FINGERPRINT_FILE).write_text(
                     json.dumps({"fingerprint": self.fingerprint}))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        # report() returned: this rank's files are on storage, in the checkpoint it now holds
+        persisted = Path(ray.train.get_checkpoint().path)
+        mark = {"world": self.ctx.get_world_size(), "step": int(engine.global_steps)}
+        _write_small(persisted / DONE_FILE.format(self.rank), json.dumps(mark))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._jsonl.close()
+            self._progress.close()
+            self._tb = None
+
+
+def _serve_rendezvous() -> tuple[str, int]:
+    """Rank 0: start the torch.distributed TCPStore server on this node's Ray address.
+
+    torch binds its store to every interface; given a socket of ours it serves on that
+    instead. ``init_process_group`` (multi-tenant, same port) then reuses this server.
+    The module global keeps it alive for the worker process's life.
+    """
+    import socket
+
+    from torch.distributed import TCPStore
+
+    addr = ray.util.get_node_ip_address()
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    sock.bind((addr, 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    store = TCPStore(addr, port, is_master=True, multi_tenant=True, wait_for_workers=False,
+                     master_listen_fd=sock.fileno())
+    _RENDEZVOUS.append((sock, store))
+    return addr, port
+
+
+_RENDEZVOUS: list = []  # rank 0's (socket, TCPStore) pair, see _serve_rendezvous
+
+
+def _use_rendezvous(addr: str, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    if ipaddress.ip_address(addr).is_loopback:
+        # every worker is on this machine: keep the collectives' own sockets there too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    _set_torch_distributed_env_vars()
+
+
+class _NodeBoundTorchBackend(_TorchBackend):
+    """Ray's torch backend, but the rendezvous store listens on the node address only."""
+
+    def on_start(self, worker_group, backend_config: TorchConfig) -> None:
+        addr, port = worker_group.execute_single(0, _serve_rendezvous)
+        worker_group.execute(_use_rendezvous, addr=addr, port=port)
+        ray.get([worker_group.execute_single_async(
+            rank, _setup_torch_process_group, backend=backend_config.backend, world_rank=rank,
+            world_size=len(worker_group), init_method="env://", timeout_s=backend_config.timeout_s)
+            for rank in range(len(worker_group))])
+
+
+class NodeBoundTorchConfig(TorchConfig):
+    """``TorchConfig(backend=...)`` whose rank-0 rendezvous store binds to the node's Ray
+    address (127.0.0.1 on a local cluster) instead of ``*``: Ray picks MASTER_ADDR but
+    torch's TCPStore listens on every interface, with no authentication."""
+
+    @property
+    def backend_cls(self):
+        return _NodeBoundTorchBackend
 
 
 def fit(train_fn: Callable[[dict], None], loop_config: dict, scale: ScaleConfig,
         storage_path: str | os.PathLike, name: str,
-        datasets: dict[str, "ray.data.Dataset"] | None = None) -> ray.train.Result:
+        datasets: dict[str, "ray.data.Dataset"] | None = None,
+        resume_hint: str = "rerun the same command") -> ray.train.Result:
     """Run ``train_fn`` on ``scale.num_workers`` Ray Train workers (gloo on CPU, NCCL on GPU).
 
-    Re-running with the same ``storage_path``/``name`` resumes from the latest
-    checkpoint. Raises :class:`TrainingError` with the worker's message on failure.
+    Re-running with the same ``storage_path``/``name`` resumes from the newest complete
+    checkpoint. Raises :class:`TrainingError` with the worker's message on failure or
+    early stop (:meth:`RunReporter.stop`), :class:`TrainingInterrupted` on Ctrl-C
+    (``resume_hint`` says what to run next).
     """
     if datasets:
         _check_room_for_data(scale)
+    run_dir = Path(storage_path).resolve() / name
+    stop_file = run_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)  # a previous attempt's reason is not this one's
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=scale.num_workers, use_gpu=scale.use_gpu,
             resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
+        torch_config=NodeBoundTorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name, storage_path=os.fspath(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=scale.max_failures),
@@ -201,7 +358,7 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scale: ScaleConfig,
         datasets=datasets,
     )
     try:
-        return trainer.fit()
+        result = _fit_interruptibly(trainer, run_dir, resume_hint)
     except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
         root = e
         while root.__cause__ is not None:
@@ -210,6 +367,50 @@ def fit(train_fn: Callable[[dict], None], loop_config: dict, scale: ScaleConfig,
             raise root from None
         raise TrainingError(f"training run {name!r} failed: {type(root).__name__}: "
                             f"{' '.join(str(root).split())[:500]}") from e
+    if stop_file.is_file():
+        last = newest_checkpoint(run_dir, result.checkpoint.path if result.checkpoint else None)
+        raise TrainingError(f"{json.loads(stop_file.read_text())['reason']}; stopped, last good "
+                            f"checkpoint: {last or 'none (no checkpoint yet)'}")
+    return result
+
+
+def _fit_interruptibly(trainer: TorchTrainer, run_dir: Path, resume_hint: str) -> ray.train.Result:
+    """``trainer.fit()`` in a helper thread, so that Ctrl-C raises here.
+
+    On the main thread Ray Train installs its own SIGINT handler, which aborts the run
+    and exits the process with status 1 and no message. The run itself ends with the
+    Ray session (a cluster started by ray_session is shut down; the run's actors are
+    owned by this driver and die with its connection).
+    """
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the calling thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="forge-ray-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupted_at(run_dir, resume_hint)) from None
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _interrupted_at(run_dir: Path, resume_hint: str) -> str:
+    """'at step N; <hint> to resume from the checkpoint of step M (folder)'."""
+    progress = run_dir / PROGRESS_FILE
+    text = progress.read_text().strip() if progress.is_file() else ""
+    at = f"at step {text}" if text else "before the first step"
+    folder = newest_checkpoint(run_dir)
+    if folder is None:
+        return f"{at}, before the first checkpoint; {resume_hint} to start again"
+    return f"{at}; {resume_hint} to resume from the checkpoint of step {_checkpoint_step(folder)} ({folder})"
 
 
 def _check_room_for_data(scale: ScaleConfig) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from forge_ray import logs
-from forge_ray.config import ScaleConfig, require, to_dict
+from forge_ray.config import DebugConfig, ScaleConfig, require, to_dict
 from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable
 from forge_ray.core.gr.models import GRModelConfig, build_model, count_parameters, save_model
 from forge_ray.core.gr.vocab import SIDVocab
@@ -122,6 +122,7 @@ class TrainGRConfig:
     train: GROptimConfig = field(default_factory=GROptimConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     run: GRRunConfig = field(default_factory=GRRunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)  # nan_step only (tests)
 
 
 # ---- the worker -------------------------------------------------------------------
@@ -173,23 +174,26 @@ def _worker(cfg: dict) -> None:
             # batches are read-only views: copy rows before torch takes them
             b = collate([np.array(x) for x in batch["input_ids"]], list(batch["labels"]), vocab)
             loss = engine(**b).loss
+            if int(engine.global_steps) + 1 == cfg["nan_step"]:  # fault injection for tests
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
             micro = i + 1
             stats = torch.tensor([loss.detach().float().item(), float(b["attention_mask"].sum())])
             dist.all_reduce(stats)
             tokens += float(stats[1])
-            if not math.isfinite(float(stats[0])):
-                ray.train.report({"nan_step": step + 1})  # no checkpoint: the last good one stays
-                reporter.close()
+            if not math.isfinite(float(stats[0])):  # the sum is NaN if any rank's loss is
+                reporter.stop(f"loss became NaN at step {step + 1}")
                 return
             if int(engine.global_steps) == step:
                 continue  # inside a gradient accumulation window
             step = int(engine.global_steps)
+            reporter.progress(step)
             if step % t["log_every"] == 0 and rank == 0:
                 rate = tokens / (time.perf_counter() - t0)
                 row = {"train/loss": float(stats[0]) / dist.get_world_size(),
-                       "train/lr": engine.get_lr()[0], "train/tokens_per_s": rate}
+                       "train/lr": engine.get_lr()[0], "train/tokens_per_s": rate,
+                       "train/skipped_steps": int(engine.skipped_steps)}
                 reporter.log(row, step)
                 log.info(f"[train-gr] step {step}/{total} epoch {epoch} loss {row['train/loss']:.4f} "
                          f"{rate:,.0f} tok/s")
@@ -216,6 +220,8 @@ def _worker(cfg: dict) -> None:
                 checkpoint({})
         else:  # the epoch ran out (no break): the next one starts from its beginning
             epoch, done_in_epoch, micro = epoch + 1, 0, 0
+    if reporter.skipped_most(engine, step):
+        return
     checkpoint({"best": best, "stopped_early": stop}, finished=True)
     reporter.close()
 
@@ -317,8 +323,7 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
     import ray
 
     from forge_ray.distributed.remote_errors import surface_user_errors
-    from forge_ray.distributed.train_common import (TrainingError, cached_if_small, deepspeed_config,
-                                                    fingerprint, fit)
+    from forge_ray.distributed.train_common import cached_if_small, deepspeed_config, fingerprint, fit
     from forge_ray.io import atomic_dir, check_output, write_manifest
 
     out, data = Path(out), os.fspath(data)
@@ -348,6 +353,7 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
              "world": world}
     loop = {"train": to_dict(t), "model": to_dict(cfg.model), "sizes": list(vocab.sizes),
             "total_steps": total, "checkpoint_every": scale.checkpoint_every,
+            "nan_step": cfg.debug.nan_step,
             "ds_config": deepspeed_config(scale.deepspeed_config, micro_batch=t.micro_batch,
                                           grad_accum=t.grad_accum, world_size=world, lr=t.lr,
                                           weight_decay=t.weight_decay, use_gpu=scale.use_gpu),
@@ -360,10 +366,6 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
              f"{count_parameters(cfg.model, vocab):,} parameters, {world} workers")
     result = fit(_worker, loop, scale, storage, cfg.run.name,
                  datasets={"train": train_ds.randomize_block_order(seed=t.seed)})
-    if "nan_step" in (result.metrics or {}):
-        last = result.checkpoint.path if result.checkpoint else "none"
-        raise TrainingError(f"loss became NaN at step {result.metrics['nan_step']}; "
-                            f"last good checkpoint: {last}")
     state = _final_state(result)
     model = build_model(cfg.model, vocab)
     model.load_state_dict(state["best_state"] or state["module"])
@@ -372,6 +374,7 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
         save_model(model, vocab, tmp)
         (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         final = {"best": state["best"], "steps": int(state.get("global_steps", total)),
+                 "skipped_steps": int(state.get("skipped_steps", 0)),
                  "stopped_early": bool(result.metrics.get("stopped_early")), "last": history[-1] if history else {}}
         (tmp / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
         if history:
@@ -379,5 +382,6 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
         manifest = write_manifest(
             tmp, MODEL_KIND, arch=cfg.model.arch, sizes=list(vocab.sizes), data=os.path.abspath(data),
             sids=os.path.abspath(sids) if sids else None, config=to_dict(cfg), counts=counts.__dict__,
-            steps=final["steps"], best={t.early_stop_metric: state["best"]}, run=os.fspath(storage.resolve()))
+            steps=final["steps"], skipped_steps=final["skipped_steps"],
+            best={t.early_stop_metric: state["best"]}, run=os.fspath(storage.resolve()))
     return manifest

@@ -14,7 +14,7 @@
 Runs (checkpoints, TensorBoard, ``metrics.jsonl``) live in
 ``storage_path/run_name`` (default ``<MODEL_DIR parent>/runs/<MODEL_DIR name>``) on
 storage the driver and every worker can reach. ``resume=True`` continues the run's
-latest checkpoint (step count, optimizer, schedule, codebooks); without it an
+newest complete checkpoint (step count, optimizer, schedule, codebooks); without it an
 existing run is refused rather than silently continued or deleted.
 """
 
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Literal
 
 
-from forge_ray.config import ScaleConfig, require, to_dict
+from forge_ray import logs
+from forge_ray.config import DebugConfig, ScaleConfig, require, to_dict
 from forge_ray.core.quantize.base import load_quantizer
 from forge_ray.core.quantize.rq_kmeans import RQKMeans, RQKMeansConfig
 from forge_ray.core.quantize.rqvae import RQVAE, RQVAEConfig
@@ -38,17 +39,6 @@ from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, check_output, write_manifest
 
 QUANTIZER_KIND = "quantizer"
-
-
-@dataclasses.dataclass
-class DebugConfig:
-    """Fault injection for tests: rank ``kill_rank`` exits at step ``kill_step`` once
-    (remembered by the ``marker`` file); the loss is made NaN at ``nan_step``."""
-
-    kill_rank: int = -1
-    kill_step: int = -1
-    marker: str = ""
-    nan_step: int = -1
 
 
 @dataclasses.dataclass
@@ -177,7 +167,7 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
                  resume: bool):
     """Ray Train + DeepSpeed RQ-VAE training; returns (trained model, run info)."""
     from forge_ray.distributed import sid_outputs
-    from forge_ray.distributed.rqvae_worker import FINAL_DIR, NAN_FILE, rqvae_worker
+    from forge_ray.distributed.rqvae_worker import FINAL_DIR, rqvae_worker
     from forge_ray.distributed.train_common import (TrainingError, cached_if_small, deepspeed_config,
                                                     fingerprint, fit)
 
@@ -212,19 +202,15 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
         "rqvae": to_dict(cfg.rqvae), "train": to_dict(train), "init_state": model.state_dict(),
         "total_steps": total, "warmup_steps": warmup, "checkpoint_every": cfg.scale.checkpoint_every,
         "has_pairs": has_pairs, "run_dir": os.fspath(run_dir / "forge_ray"), "fingerprint": fp,
-        "torch_threads": cfg.torch_threads, "debug": to_dict(cfg.debug),
+        "torch_threads": cfg.torch_threads, "debug": to_dict(cfg.debug), "log_levels": logs.worker_levels(),
         "deepspeed": deepspeed_config(cfg.scale.deepspeed_config, micro_batch=train.batch_size,
                                       grad_accum=1, world_size=workers, lr=train.lr,
                                       weight_decay=train.weight_decay, use_gpu=cfg.scale.use_gpu),
     }
-    final, nan_file = run_dir / "forge_ray" / FINAL_DIR, run_dir / "forge_ray" / NAN_FILE
+    final = run_dir / "forge_ray" / FINAL_DIR
     shutil.rmtree(final, ignore_errors=True)  # never pick up a previous attempt's result
-    nan_file.unlink(missing_ok=True)
-    result = fit(rqvae_worker, loop, cfg.scale, storage, name, datasets=datasets)
-    if nan_file.is_file():
-        last = result.checkpoint.path if result.checkpoint else "none (no checkpoint yet)"
-        raise TrainingError(f"loss became NaN at step {json.loads(nan_file.read_text())['nan_step']}; "
-                            f"stopped, last good checkpoint: {last}")
+    fit(rqvae_worker, loop, cfg.scale, storage, name, datasets=datasets,
+        resume_hint="rerun with --resume (forge-ray pipeline: the same command)")
     if not final.is_dir():
         raise TrainingError(f"training run {name!r} finished without saving {final}")
     curves = sid_outputs.read_jsonl(run_dir / "forge_ray" / "metrics.jsonl")

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pytest
 
@@ -104,6 +113,134 @@ def test_bad_training_inputs(ray_cluster, tmp_path):
     with pytest.raises(TrainingError, match=r"= 4 of the cluster's 4 CPUs leaves 0 for Ray Data"):
         train_gr(tiny_config("scale.num_workers=4", "scale.cpus_per_worker=1"), ds, sids, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def listening_sockets(root_pid: int, stop: threading.Event, found: set) -> None:
+    """Until ``stop``: add (address, port, process name) of every listening TCP socket of
+    process ``root_pid`` and its descendants (the Ray processes it started) to ``found``."""
+    while not stop.is_set():
+        root = psutil.Process(root_pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                found.update((c.laddr.ip, c.laddr.port, proc.name())
+                             for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        stop.wait(0.3)
+
+
+def not_loopback(found: set) -> list:
+    return sorted(s for s in found if not ipaddress.ip_address(s[0].removeprefix("::ffff:")).is_loopback)
+
+
+def test_nan_loss_stops_on_loopback_keeping_the_last_checkpoint(ray_cluster, tmp_path):
+    """A NaN loss at step 5 stops the run: the error names the step and the step-4
+    checkpoint, no MODEL_DIR is written. Every socket the cluster's processes listen on
+    meanwhile (Ray's and the torch.distributed rendezvous of rank 0) is on loopback."""
+    from forge_ray.distributed.train_common import TrainingError, newest_checkpoint
+    from forge_ray.distributed.train_gr import train_gr
+
+    ds, sids, *_ = build_gr_data(tmp_path)
+    runs = tmp_path / "runs"
+    cfg = tiny_config("train.max_steps=8", "train.eval_every=100", "scale.checkpoint_every=2",
+                      "debug.nan_step=5", f"run.storage_path={runs}")
+    stop, found = threading.Event(), set()
+    sampler = threading.Thread(target=listening_sockets, args=(os.getpid(), stop, found))
+    sampler.start()
+    try:
+        with pytest.raises(TrainingError, match=r"NaN at step 5; stopped, last good checkpoint: .*checkpoint_"):
+            train_gr(cfg, ds, sids, tmp_path / "m")
+    finally:
+        stop.set()
+        sampler.join()
+    assert not (tmp_path / "m").exists()
+    newest = newest_checkpoint(runs / "train_gr")
+    assert json.loads((newest / "forge_ray_rank0.done").read_text())["step"] == 4
+    assert any("RayTrainWorker" in name for *_, name in found)  # sampled during training
+    assert not_loopback(found) == []
+
+
+def test_a_run_whose_steps_were_mostly_skipped_fails(ray_cluster, tmp_path):
+    """A huge weight decay blows the weights up until the loss saturates: from step 7 on
+    every gradient overflows and DeepSpeed skips the step ("OVERFLOW! Skipping step"),
+    10 of 16. Counted and logged, and the run fails instead of writing a model."""
+    from forge_ray.distributed.train_common import TrainingError
+    from forge_ray.distributed.train_gr import train_gr
+
+    ds, sids, *_ = build_gr_data(tmp_path)
+    runs = tmp_path / "runs"
+    cfg = tiny_config("train.max_steps=16", "train.weight_decay=1e4", "train.eval_every=100",
+                      "train.valid_beams=0", "train.early_stop_metric=valid_loss", "train.log_every=1",
+                      f"run.storage_path={runs}")
+    with pytest.raises(TrainingError, match=r"DeepSpeed skipped 10 of 16 optimizer steps"):
+        train_gr(cfg, ds, sids, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    logged = [json.loads(x) for x in (runs / "train_gr" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_steps"] for r in logged if "train/skipped_steps" in r][-1] == 10
+
+
+def deepspeed_complete_steps(run) -> list[int]:
+    """Steps of the checkpoint folders whose DeepSpeed files are all there (2 ranks,
+    ZeRO-2), read without forge_ray's own completion marks."""
+    steps = []
+    for folder in run.glob("checkpoint_*"):
+        tag = folder / "latest"
+        names = ["mp_rank_00_model_states.pt"] + [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+        if tag.is_file() and all((folder / tag.read_text().strip() / n).is_file() for n in names):
+            steps.append(int(tag.read_text().strip().removeprefix("global_step")))
+    return sorted(steps)
+
+
+@pytest.mark.slow
+def test_interrupted_cli_run_says_where_and_resumes_from_the_newest_checkpoint(ray_cluster, tmp_path):
+    """Ctrl-C on `forge-ray train-gr` (its own local cluster, nothing listening beyond
+    loopback) exits 130 with one line naming the step and the checkpoint; the rerun
+    continues from that checkpoint, the newest complete one on disk, which Ray's own
+    run snapshot may not name yet."""
+    from forge_ray.distributed.train_gr import train_gr
+
+    ds, sids, *_ = build_gr_data(tmp_path)
+    runs, run = tmp_path / "runs", tmp_path / "runs" / "train_gr"
+    overrides = ["train.max_steps=400", "train.eval_every=1000", "train.valid_beams=0",
+                 "train.early_stop_metric=valid_loss", "train.log_every=1",
+                 "scale.checkpoint_every=2", f"run.storage_path={runs}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "forge_ray", "train-gr", "--config", "configs/tiny/train_gr.yaml",
+             "--data", str(ds), "--sids", str(sids), "--out", str(tmp_path / "m"), *overrides],
+            stdout=subprocess.DEVNULL, stderr=err, env=env)
+        stop, found = threading.Event(), set()
+        sampler = threading.Thread(target=listening_sockets, args=(proc.pid, stop, found), daemon=True)
+        sampler.start()
+        deadline = time.monotonic() + 400
+        while proc.poll() is None and time.monotonic() < deadline \
+                and max(deepspeed_complete_steps(run), default=0) < 6:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+        stop.set()
+    last = (tmp_path / "stderr").read_text().strip().splitlines()[-1]
+    assert rc == 130, last
+    said = re.fullmatch(r"forge-ray train-gr: interrupted at step (\d+); rerun the same command to "
+                        r"resume from the checkpoint of step (\d+) \((.+)\)", last)
+    assert said, last
+    step, resume_step = int(said[1]), int(said[2])
+    # every checkpoint before step N is complete (both ranks passed its report to train
+    # on); the one of step N itself may still have been uploading
+    assert max(s for s in deepspeed_complete_steps(run) if s < step) <= resume_step <= step
+    snapshot = run / "checkpoint_manager_snapshot.json"  # Ray's own record, often behind
+    recorded = json.loads(snapshot.read_text())["latest_checkpoint_result"] if snapshot.is_file() else None
+    assert (recorded["metrics"]["step"] if recorded else 0) <= resume_step
+    assert not (tmp_path / "m").exists()
+    assert any("RayTrainWorker" in name for *_, name in found) and not_loopback(found) == []
+    # the rerun (same run storage and name) starts right after that checkpoint
+    log = run / "logs" / "metrics.jsonl"
+    before = len(log.read_text().splitlines())
+    cfg = tiny_config(*overrides[1:], f"train.max_steps={resume_step + 2}")
+    assert train_gr(cfg, ds, sids, tmp_path / "m")["steps"] == resume_step + 2
+    resumed = [json.loads(x)["step"] for x in log.read_text().splitlines()[before:]]
+    assert resumed[:2] == [resume_step + 1, resume_step + 2]
 
 
 @pytest.mark.slow
