@@ -4,7 +4,8 @@ Each replica holds one :class:`~forge_ray.serving.recommender.Recommender` (mode
 trie, item tables; on its GPU when ``gpus_per_replica`` > 0). Requests are parsed and
 checked one by one (a malformed one gets a 4xx with a message and never reaches the
 model), then queued into ``@serve.batch`` so concurrent requests share one batched
-beam search. Answer::
+beam search. ``GET /stats`` gives the replica's request and batch counts (how full batches are).
+Answer::
 
     {"items": [item ids], "keys": [source keys], "scores": [SID log-probs],
      "unknown": [history entries skipped]}
@@ -110,11 +111,13 @@ class RecommenderDeployment:
                                         batch_size=self.cfg.max_batch_size)
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.requests = self.batches = 0  # GET /stats: how full the batches are
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _batched(self, queries: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Known-item histories -> (items, scores) each; one beam search per beam width
         (``max(num_beams, k)``), so a request's answer never depends on its batch-mates."""
+        self.requests, self.batches = self.requests + len(queries), self.batches + 1
         width = [max(self.rec.num_beams, k) for _, k in queries]
         out: list = [None] * len(queries)
         for w in sorted(set(width)):
@@ -127,6 +130,9 @@ class RecommenderDeployment:
         return out
 
     async def __call__(self, request: Request) -> JSONResponse:
+        if request.url.path.rstrip("/").endswith("/stats") and request.method == "GET":
+            return JSONResponse({"requests": self.requests, "batches": self.batches,
+                                 "mean_batch": self.requests / max(self.batches, 1)})
         if not request.url.path.rstrip("/").endswith("/recommend"):
             return JSONResponse({"error": f"no route {request.url.path}; POST /recommend"}, status_code=404)
         if request.method != "POST":

@@ -77,6 +77,8 @@ def test_malformed_requests_get_400_and_the_replica_keeps_serving(served, body, 
 def test_other_routes_and_methods(served):
     assert post({}, path="/nothing")[0] == 404
     assert post(b"", method="GET")[0] == 405
+    status, stats = post(b"", path="/stats", method="GET")
+    assert status == 200 and stats["requests"] >= stats["batches"] >= 1
 
 
 def test_proxy_listens_on_loopback_only(served):
