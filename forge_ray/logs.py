@@ -71,6 +71,7 @@ def setup(level: int = DEFAULT) -> None:
         _handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(_handler)
         logger.propagate = False  # one line per message, whatever the root logger has
+    _handler.stream = sys.stderr  # today's stderr: a caller (or a test) may have replaced it
     logger.setLevel(our_level())
     if level < VERBOSE:
         # Ray Data's console logs (execution plans, per-operator progress lines off a
@@ -78,6 +79,14 @@ def setup(level: int = DEFAULT) -> None:
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", logging.getLevelName(ray_level()))
         # transformers / huggingface_hub draw a bar per model load and save.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def bars() -> bool:
+    """Whether our own tqdm bars are drawn: on a terminal only, and not with ``-q``.
+
+    Off a terminal (a pipe, a job log) a bar's redraws pile up into one long line.
+    """
+    return _verbosity > QUIET and sys.stderr.isatty()
 
 
 def ray_init_kwargs() -> dict:

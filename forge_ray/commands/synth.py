@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from forge_ray import logs
 from forge_ray.commands import stage_config
 from forge_ray.data.synth import KIND, SynthConfig, generate
 from forge_ray.io import atomic_dir, write_manifest
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = stage_config(SynthConfig, args, items=args.items, dim=args.dim, users=args.users,
                        seed=args.seed)
     with atomic_dir(args.out, args.overwrite, kind=KIND) as tmp:
-        counts = generate(cfg, tmp, progress=not args.no_progress)
+        counts = generate(cfg, tmp, progress=not args.no_progress and logs.bars())
         write_manifest(tmp, KIND, generator="forge_ray.data.synth",
                        config=dataclasses.asdict(cfg), counts=counts,
                        files={"contrastive": "contrastive_data_mask.npz",

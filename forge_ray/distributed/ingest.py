@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
+from forge_ray import logs
 from forge_ray.config import require
 from forge_ray.data import forge_npz, sources
 from forge_ray.data.schema import DATASET_KIND, PAIRS_SCHEMA, ShardWriter
@@ -68,7 +69,7 @@ class IngestConfig:
         strict: refuse instead of dropping-and-counting any bad row.
         chunk_rows: rows per read task (memory per task ~ chunk_rows * row bytes).
         buckets: hash buckets for the global checks; 0 picks one per 2M planned rows.
-        progress: show progress bars.
+        progress: show progress bars (on a terminal only, see ``forge_ray.logs.bars``).
     """
 
     strict: bool = False
@@ -102,7 +103,7 @@ def ingest(paths: list[str], out: str | os.PathLike, config: IngestConfig = Inge
     rows = sum(sum(i.get("rows", {}).values()) or len(p) * config.chunk_rows
                for i, p in zip(infos, plans))
     buckets = config.buckets or max(1, math.ceil(rows / KEYS_PER_BUCKET))
-    show = config.progress
+    show = config.progress and logs.bars()
 
     with atomic_dir(out, overwrite=overwrite, kind=DATASET_KIND, inputs=names) as tmp:
         tmp = tmp.resolve()
