@@ -38,6 +38,7 @@ import numpy as np
 from forge_ray import logs
 from forge_ray.config import DebugConfig, ScaleConfig, require, to_dict
 from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable
+from forge_ray.core.gr.model_card import model_card
 from forge_ray.core.gr.models import GRModelConfig, build_model, count_parameters, save_model
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.core.schedule import warmup_cosine_factor
@@ -324,7 +325,7 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
 
     from forge_ray.distributed.remote_errors import surface_user_errors
     from forge_ray.distributed.train_common import cached_if_small, deepspeed_config, fingerprint, fit
-    from forge_ray.io import atomic_dir, check_output, write_manifest
+    from forge_ray.io import atomic_dir, check_output, read_manifest, write_manifest
 
     out, data = Path(out), os.fspath(data)
     sids = None if sids is None else os.fspath(sids)
@@ -384,4 +385,6 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
             sids=os.path.abspath(sids) if sids else None, config=to_dict(cfg), counts=counts.__dict__,
             steps=final["steps"], skipped_steps=final["skipped_steps"],
             best={t.early_stop_metric: state["best"]}, run=os.fspath(storage.resolve()))
+        sid_manifest = read_manifest(sids, "sids") if sids else None
+        (tmp / "README.md").write_text(model_card(manifest, final, sid_manifest))
     return manifest

@@ -95,6 +95,10 @@ def test_two_worker_deepspeed_training_then_resume(ray_cluster, tmp_path):
     model, vocab = load_model(tmp_path / "m2")
     assert vocab == SIDVocab(SIZES) and model.config.vocab_size == len(vocab)
     assert read_manifest(tmp_path / "m2", "gr_model")["sids"] == str(sids.resolve())
+    # what plain HF and a person reading the folder need: one SID per generate, a model card
+    assert model.generation_config.max_new_tokens == len(SIZES) and model.generation_config.num_beams >= 1
+    card = (tmp_path / "m2" / "README.md").read_text()
+    assert str(list(SIZES)) in card and "Recommender.from_dir" in card and "8 optimizer steps" in card
 
 
 def test_bad_training_inputs(ray_cluster, tmp_path):
