@@ -95,10 +95,7 @@ class SidTable:
 
     @property
     def files(self) -> list[Path]:
-        files = sorted(self.path.glob("*.parquet"))
-        if not files:
-            raise InputError(self.path, "SID table has no Parquet files")
-        return files
+        return [Path(p) for p in sid_files(self.path)]
 
     @cached_property
     def n_items(self) -> int:
@@ -162,6 +159,14 @@ class SidTable:
         if not ids:
             return np.zeros(0, np.int64), np.zeros(0, object)
         return np.concatenate(ids), np.concatenate(keys)
+
+
+def sid_files(sids_dir: str | os.PathLike) -> list[str]:
+    """The Parquet parts of a SID table folder, sorted (also before its manifest exists)."""
+    files = sorted(str(p) for p in Path(sids_dir).glob("*.parquet"))
+    if not files:
+        raise InputError(sids_dir, "SID table has no Parquet files")
+    return files
 
 
 def codes_array(codes: np.ndarray) -> pa.ListArray:

@@ -49,9 +49,8 @@ from forge_ray.distributed.dataset import dataset_manifest, read_items
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import ConfigError, InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
-from forge_ray.sid_table import EXPORTS, codes_array, export_paths
+from forge_ray.sid_table import EXPORTS, SIDS_KIND, codes_array, export_paths, sid_files
 
-SIDS_KIND = "sids"
 ROWS_PER_PARTITION = 1_000_000  # shuffle partition size of the groupbys
 
 
@@ -189,14 +188,6 @@ def _no_collisions(batch: pa.Table) -> pa.Table:
 
 
 # ----------------------------------------------------------------------------- stage
-
-def sid_files(sids_dir: str | os.PathLike) -> list[str]:
-    """The Parquet files of a SID table, sorted."""
-    files = sorted(str(p) for p in Path(sids_dir).glob("*.parquet"))
-    if not files:
-        raise InputError(sids_dir, "SID table has no Parquet files")
-    return files
-
 
 def read_sid_table(sids_dir: str | os.PathLike, columns=("item_id", "codes", "sid")) -> ray.data.Dataset:
     return ray.data.read_parquet(sid_files(sids_dir), columns=list(columns))

@@ -35,7 +35,6 @@ from typing import Iterator, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray.data
 
 from forge_ray.config import require
@@ -44,10 +43,8 @@ from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable, Split, build_exa
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.distributed.dataset import read_sequences
 from forge_ray.distributed.remote_errors import user_error
-from forge_ray.errors import InputError
-from forge_ray.io import read_manifest
+from forge_ray.sid_table import SidTable
 
-SIDS_KIND = "sids"
 EXAMPLE_SCHEMA = pa.schema([("user_id", pa.int64()), ("target_item", pa.int64()),
                             ("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64()))])
 
@@ -80,51 +77,27 @@ class GRDataConfig:
         require(len(self.algr_sizes) >= 1 and min(self.algr_sizes) >= 1, "data.algr_sizes must be positive")
 
 
-# ---- the SID table ----------------------------------------------------------------
+# ---- the SID table (forge_ray.sid_table) -------------------------------------------
 def sid_sizes(sids_dir: str | os.PathLike) -> tuple[int, ...]:
     """Codebook sizes per level (suffix level included) from a SIDS_DIR manifest."""
-    manifest = read_manifest(sids_dir, SIDS_KIND)
-    sizes = manifest.get("sizes")
-    if not isinstance(sizes, list) or not sizes or not all(isinstance(s, int) and s > 0 for s in sizes):
-        raise InputError(sids_dir, f"manifest.json 'sizes' is {sizes!r}, expected a list of positive ints")
-    return tuple(sizes)
-
-
-def _sid_files(sids_dir: str | os.PathLike) -> list[Path]:
-    files = sorted(Path(sids_dir).glob("*.parquet"))
-    if not files:
-        raise InputError(sids_dir, "SID table has no Parquet files")
-    return files
+    return SidTable.open(sids_dir).sizes
 
 
 def read_sids(sids_dir: str | os.PathLike) -> ray.data.Dataset:
     """The SID table as a Ray Dataset of ``item_id`` int64, ``sid`` list<int64>."""
-    sid_sizes(sids_dir)
-    return ray.data.read_parquet([str(p) for p in _sid_files(sids_dir)], columns=["item_id", "sid"])
+    files = SidTable.open(sids_dir).files
+    return ray.data.read_parquet([str(p) for p in files], columns=["item_id", "sid"])
 
 
 def load_sid_arrays(sids_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """The whole table in this process: ((N,) item ids, (N, L) codes).
-
-    Reads one Parquet file at a time; memory 8 x (1 + L) bytes per item. Raises
-    InputError on a row whose SID length differs from the manifest's levels.
-    """
-    n_levels = len(sid_sizes(sids_dir))
-    ids, codes = [], []
-    for path in _sid_files(sids_dir):
-        t = pq.read_table(path, columns=["item_id", "sid"])
-        sid = t["sid"].combine_chunks()
-        if len(sid) and pc.any(pc.not_equal(pc.list_value_length(sid), n_levels)).as_py():
-            raise InputError(path, f"a SID does not have {n_levels} levels")
-        ids.append(t["item_id"].to_numpy())
-        codes.append(sid.flatten().to_numpy().reshape(-1, n_levels))
-    return np.concatenate(ids).astype(np.int64), np.concatenate(codes).astype(np.int64)
+    """The whole table in this process: ((N,) item ids, (N, L) codes); see
+    :meth:`SidTable.arrays` (one Parquet file at a time, 8 x (1 + L) bytes per item)."""
+    return SidTable.open(sids_dir).arrays()
 
 
 def table_bytes(sids_dir: str | os.PathLike) -> int:
     """Memory of the broadcast item -> SID table, from the Parquet footers."""
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in _sid_files(sids_dir))
-    return rows * 8 * (1 + len(sid_sizes(sids_dir)))
+    return SidTable.open(sids_dir).table_bytes
 
 
 # ---- sequences -> examples --------------------------------------------------------

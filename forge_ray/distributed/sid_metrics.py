@@ -36,13 +36,14 @@ from forge_ray.core.sid.codes import pack_codes, unpack_codes
 from forge_ray.core.sid.metrics import SidMetricsConfig, embedding_hitrate, perplexity, utilization
 from forge_ray.core.sid.plots import plot_code_usage, plot_sid_distribution
 from forge_ray.data.schema import embedding_array, embeddings_to_numpy
-from forge_ray.distributed.assign import (SIDS_KIND, ActorPoolConfig, QuantizerActor, list_codes,
+from forge_ray.distributed.assign import (ActorPoolConfig, QuantizerActor, list_codes,
                                           load_model, partitions_for, quantizer_dim,
                                           read_sid_table)
 from forge_ray.distributed.dataset import dataset_manifest, read_items, read_sequences
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
+from forge_ray.sid_table import SIDS_KIND
 
 SID_METRICS_KIND = "sid_metrics"
 KINDS = ("item_id", "codes", "sid")  # what key_counts counts, by kind index
