@@ -6,9 +6,9 @@ default    also our progress lines (``[pipeline] ...``, ``[train-gr] step ...``)
 ``-v``     also Ray's, Ray Data's, Ray Train's and DeepSpeed's own info logs
 =========  ==============================================================================
 
-Our progress lines go through the ``forge_ray`` logger to stderr; the commands print
-their results to stdout. The CLI calls :func:`setup` once, before a stage starts Ray;
-library users that never call it get the default.
+Our progress lines go through the ``forge_ray`` logger to stdout (its warnings to
+stderr); the commands print their results to stdout. The CLI calls :func:`setup`
+once, before a stage starts Ray; library users that never call it get the default.
 
 Ray worker processes are separate interpreters. A cluster started by
 :func:`forge_ray.distributed.session.ray_session` gets the environment variables set
@@ -56,6 +56,16 @@ def ray_level(level: int | None = None) -> int:
     return {QUIET: logging.ERROR, DEFAULT: logging.WARNING}.get(v, logging.INFO)
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Progress lines to stdout, warnings and errors to stderr (so a failed command's
+    stderr is its one-line error), each to the stream current when the line is
+    logged: a caller (or a test) may have replaced it since."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        super().emit(record)
+
+
 def setup(level: int = DEFAULT) -> None:
     """Set the verbosity of this process, and of the workers of a cluster it starts.
 
@@ -67,11 +77,10 @@ def setup(level: int = DEFAULT) -> None:
     _verbosity = level
     logger = logging.getLogger("forge_ray")
     if _handler is None:
-        _handler = logging.StreamHandler(sys.stderr)
+        _handler = _ConsoleHandler()
         _handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(_handler)
         logger.propagate = False  # one line per message, whatever the root logger has
-    _handler.stream = sys.stderr  # today's stderr: a caller (or a test) may have replaced it
     logger.setLevel(our_level())
     if level < VERBOSE:
         # Ray Data's console logs (execution plans, per-operator progress lines off a
