@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-gr": ("eval_gr", "Recall/NDCG/HR@K of a GR model with constrained beam search in Ray actors"),
     "pipeline": ("pipeline", "every stage from one config in one Ray session; skips finished stages"),
     "sweep": ("sweep", "Ray Tune over codebook settings: SID metrics vs GR quality, Spearman report"),
+    "recommend": ("recommend", "top-k items for histories of item keys from a trained GR model"),
+    "serve": ("serve", "serve a GR model on Ray Serve: HTTP POST /recommend with request batching"),
+    "add-items": ("add_items", "SIDs for new items consistent with an existing SID table (cold start)"),
     "demo": ("demo", "synthesise a small FORGE-shaped dataset and run the pipeline on it"),
 }
 
