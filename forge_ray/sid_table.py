@@ -161,6 +161,16 @@ class SidTable:
         return np.concatenate(ids), np.concatenate(keys)
 
 
+def list_codes(col: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
+    """A list<int64> column of equal-length rows -> (n, width) int64 array."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    if flat.size != len(col) * width:
+        raise ValueError(f"expected {width} codes per row")
+    return flat.reshape(len(col), width)
+
+
 def sid_files(sids_dir: str | os.PathLike) -> list[str]:
     """The Parquet parts of a SID table folder, sorted (also before its manifest exists)."""
     files = sorted(str(p) for p in Path(sids_dir).glob("*.parquet"))

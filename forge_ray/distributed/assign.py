@@ -40,16 +40,19 @@ import ray
 import ray.data
 
 from forge_ray.config import require, to_dict
-from forge_ray.core.quantize.base import Quantizer, load_quantizer, quantizer_dim
+from forge_ray.core.quantize.base import Quantizer
+from forge_ray.core.quantize.registry import load_quantizer, quantizer_dim
 from forge_ray.core.sid.codes import pack_codes
 from forge_ray.core.sid.collisions import CollisionConfig, group_levels, resolve_group
+from forge_ray.core.sid.metrics import histogram_quality
 from forge_ray.core.sid.export import SidTableWriter, SidTokenWriter
 from forge_ray.data.schema import DEFAULT_ROWS_PER_SHARD, embeddings_to_numpy
 from forge_ray.distributed.dataset import dataset_manifest, read_items
 from forge_ray.distributed.remote_errors import surface_user_errors
+from forge_ray.distributed.sid_counts import key_counts
 from forge_ray.errors import ConfigError, InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
-from forge_ray.sid_table import EXPORTS, SIDS_KIND, codes_array, export_paths, sid_files
+from forge_ray.sid_table import EXPORTS, SIDS_KIND, codes_array, export_paths, list_codes, sid_files
 
 ROWS_PER_PARTITION = 1_000_000  # shuffle partition size of the groupbys
 
@@ -106,16 +109,6 @@ class AssignConfig:
 
 
 # ----------------------------------------------------------------------------- arrays
-
-def list_codes(col: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
-    """A list<int64> column of equal-length rows -> (n, width) int64 array."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    if flat.size != len(col) * width:
-        raise ValueError(f"expected {width} codes per row")
-    return flat.reshape(len(col), width)
-
 
 def partitions_for(rows: int, configured: int = 0) -> int:
     return configured or max(1, math.ceil(rows / ROWS_PER_PARTITION))
@@ -257,8 +250,6 @@ def _verify(folder: Path, n_in: int, sizes: list[int], strategy: str, parts: int
     """Check that every input item has exactly one SID on the written table (rows,
     distinct ids), count moved/fallback items, SID sharing before/after, and write the
     exports. Raises InputError (so the output is discarded) on any mismatch."""
-    from forge_ray.distributed.sid_metrics import histogram_quality, key_counts
-
     files = sid_files(folder)
     table = read_sid_table(folder)
     rows = table.count()

@@ -1,10 +1,10 @@
 """``forge-ray sid-metrics``: SID quality of a SIDS_DIR, computed on Ray.
 
-* **Counts** (:func:`key_counts`): one distributed ``groupby`` counts items per item
-  id, per raw SID (``codes``) and per final SID (``sid``); a ``map_batches`` pass turns
-  the count table into per-batch partial histograms (SIDs with v items) and per-level
-  code counts, which the driver sums while streaming. The driver holds O(max items
-  per SID + sum(sizes)) numbers, never the per-SID table.
+* **Counts** (:func:`~forge_ray.distributed.sid_counts.key_counts`): one distributed
+  ``groupby`` counts items per item id, per raw SID (``codes``) and per final SID
+  (``sid``); the driver sums partial histograms while streaming and holds O(max items
+  per SID + sum(sizes)) numbers, never the per-SID table. The quality numbers come
+  from the histograms (:func:`~forge_ray.core.sid.metrics.histogram_quality`).
 * **Reconstruction** (with ``--data``): the dataset's items are full-outer-joined to
   the SID table on ``item_id`` (Ray Data hash join) and decoded in a quantizer actor
   pool; each batch returns squared-error sums. Items without a SID are an error;
@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -32,21 +31,20 @@ import ray.data
 from ray.data.aggregate import Count, Sum
 
 from forge_ray.config import require, to_dict
-from forge_ray.core.sid.codes import pack_codes, unpack_codes
-from forge_ray.core.sid.metrics import SidMetricsConfig, embedding_hitrate, perplexity, utilization
+from forge_ray.core.sid.metrics import (SidMetricsConfig, embedding_hitrate, expand_hist, histogram_quality,
+                                        perplexity, utilization)
 from forge_ray.core.sid.plots import plot_code_usage, plot_sid_distribution
 from forge_ray.data.schema import embedding_array, embeddings_to_numpy
-from forge_ray.distributed.assign import (ActorPoolConfig, QuantizerActor, list_codes,
-                                          load_model, partitions_for, quantizer_dim,
-                                          read_sid_table)
+from forge_ray.distributed.assign import (ActorPoolConfig, QuantizerActor, load_model, partitions_for,
+                                          quantizer_dim, read_sid_table)
+from forge_ray.distributed.sid_counts import key_counts
 from forge_ray.distributed.dataset import dataset_manifest, read_items, read_sequences
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
-from forge_ray.sid_table import SIDS_KIND
+from forge_ray.sid_table import SIDS_KIND, list_codes
 
 SID_METRICS_KIND = "sid_metrics"
-KINDS = ("item_id", "codes", "sid")  # what key_counts counts, by kind index
 
 
 @dataclasses.dataclass
@@ -70,127 +68,11 @@ class SidMetricsStageConfig:
         require(self.max_plot_sids >= 1, "max_plot_sids must be >= 1")
 
 
-# ----------------------------------------------------------------------------- counting
-
-class KeyCounts(NamedTuple):
-    """hist[k][v]: number of distinct keys of kind k (KINDS) holding v items.
-    levels[k]: per level, (size,) code usage counts of kind k (1: codes, 2: sid)."""
-
-    hist: list[np.ndarray]
-    levels: dict[int, list[np.ndarray]]
-
-
-def key_counts(table: ray.data.Dataset, sizes: list[int], suffix: bool, parts: int) -> KeyCounts:
-    """Items per item id, per raw SID and per final SID via one distributed groupby.
-
-    ``table`` has ``item_id``, ``codes`` (L levels) and ``sid`` (L, or L+1 with a
-    ``suffix`` level). Final SIDs are keyed by (packed first L codes, suffix).
-    """
-    n_levels = len(sizes)
-    keyed = table.map_batches(_keys, batch_format="pyarrow",
-                              fn_kwargs={"sizes": sizes, "suffix": suffix})
-    counted = keyed.groupby(["kind", "key", "extra"], num_partitions=parts).count()
-    partial = counted.map_batches(_summarise, batch_format="pyarrow",
-                                  fn_kwargs={"sizes": sizes, "suffix": suffix})
-    acc: dict[tuple[int, int], np.ndarray] = {}
-    for batch in partial.iter_batches(batch_format="numpy", batch_size=None):
-        for k, lvl, idx, n in zip(*(batch[c] for c in ("kind", "level", "index", "n"))):
-            arr = acc.get((int(k), int(lvl)), np.zeros(0, dtype=np.int64))
-            if idx >= arr.size:
-                arr = np.concatenate([arr, np.zeros(int(idx) + 1 - arr.size, dtype=np.int64)])
-            arr[idx] += n
-            acc[(int(k), int(lvl))] = arr
-    hist = [acc.get((k, -1), np.zeros(0, dtype=np.int64)) for k in range(len(KINDS))]
-    levels = {}
-    for k in (1, 2):
-        lv = [_padded(acc.get((k, lvl)), sizes[lvl]) for lvl in range(n_levels)]
-        if k == 2 and suffix:
-            lv.append(acc.get((k, n_levels), np.zeros(1, dtype=np.int64)))
-        levels[k] = lv
-    return KeyCounts(hist, levels)
-
-
-def _padded(arr: np.ndarray | None, size: int) -> np.ndarray:
-    out = np.zeros(size, dtype=np.int64)
-    if arr is not None:
-        out[:arr.size] = arr
-    return out
-
-
-def _keys(batch: pa.Table, sizes: list[int], suffix: bool) -> pa.Table:
-    n_levels, n = len(sizes), batch.num_rows
-    codes = list_codes(batch["codes"], n_levels)
-    sid = list_codes(batch["sid"], n_levels + suffix)
-    zeros = np.zeros(n, dtype=np.int64)
-    return pa.table({
-        "kind": np.repeat(np.arange(3, dtype=np.int64), n),
-        "key": np.concatenate([batch["item_id"].to_numpy().astype(np.int64), pack_codes(codes, sizes),
-                               pack_codes(sid[:, :n_levels], sizes)]),
-        "extra": np.concatenate([zeros, zeros, sid[:, n_levels] if suffix else zeros])})
-
-
-def _summarise(batch: pa.Table, sizes: list[int], suffix: bool) -> pa.Table:
-    """Per-key counts -> nonzero partial sums as rows (kind, level, index, n);
-    level -1 is the items-per-key histogram."""
-    kind = batch["kind"].to_numpy()
-    key, extra = batch["key"].to_numpy(), batch["extra"].to_numpy()
-    count = batch["count()"].to_numpy().astype(np.int64)
-    out = []
-
-    def emit(k, lvl, values):
-        idx = np.flatnonzero(values)
-        out.append(np.stack([np.full(idx.size, k), np.full(idx.size, lvl), idx, values[idx]], axis=1))
-
-    for k in range(3):
-        sel = kind == k
-        if not sel.any():
-            continue
-        emit(k, -1, np.bincount(count[sel]))
-        if k:
-            codes = unpack_codes(key[sel], sizes)
-            for lvl, size in enumerate(sizes):
-                emit(k, lvl, np.bincount(codes[:, lvl], weights=count[sel], minlength=size).astype(np.int64))
-            if k == 2 and suffix:
-                emit(k, len(sizes), np.bincount(extra[sel], weights=count[sel]).astype(np.int64))
-    rows = np.concatenate(out) if out else np.zeros((0, 4), dtype=np.int64)
-    return pa.table({c: rows[:, i].astype(np.int64) for i, c in enumerate(("kind", "level", "index", "n"))})
-
-
-def histogram_quality(hist: np.ndarray) -> dict:
-    """Count metrics of SIDs from ``hist[v]`` = number of SIDs holding v items.
-
-    Exactly the core ``sid_quality`` numbers (items, sids, collision_rate,
-    unique_sid_ratio, max_items_per_sid, gini) without expanding per-SID counts: in
-    FORGE's Gini the SIDs sorted ascending form one block per value v occupying ranks
-    a+1..a+f, whose weights (N+1-i) sum to f(N+1) - f(2a+f+1)/2.
-    """
-    values = np.flatnonzero(hist)
-    if values.size == 0:
-        raise ValueError("no items counted")
-    freq = hist[values].astype(np.float64)
-    v = values.astype(np.float64)
-    items, sids = float((v * freq).sum()), float(freq.sum())
-    before = np.r_[0.0, np.cumsum(freq)[:-1]]  # SIDs ranked before each block
-    weights = freq * (sids + 1) - freq * (2 * before + freq + 1) / 2
-    return {"items": int(items), "sids": int(sids),
-            "collision_rate": float((v * freq)[values > 1].sum() / items),
-            "unique_sid_ratio": sids / items, "max_items_per_sid": int(values.max()),
-            "gini": float((sids + 1) / sids - 2.0 * (weights * v).sum() / (sids * items))}
-
+# ----------------------------------------------------------------------------- quality
 
 def level_quality(levels: list[np.ndarray]) -> dict:
     return {"utilization": [utilization(c) for c in levels],
             "perplexity": [perplexity(c) for c in levels]}
-
-
-def expand_hist(hist: np.ndarray, limit: int, seed: int) -> tuple[np.ndarray, bool]:
-    """Per-SID counts from a histogram; a seeded sample of ``limit`` SIDs if larger."""
-    values = np.flatnonzero(hist)
-    freq = hist[values]
-    sampled = freq.sum() > limit
-    if sampled:
-        freq = np.random.default_rng(seed).multivariate_hypergeometric(freq, limit)
-    return np.repeat(values, freq), bool(sampled)
 
 
 # ----------------------------------------------------------------------------- with data

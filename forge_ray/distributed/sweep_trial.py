@@ -163,7 +163,7 @@ def quantizer_trial(config: dict, sample_ref, base: dict, hitrate_topk: int) -> 
     import ray
     from ray import tune
 
-    from forge_ray.core.quantize.base import load_quantizer
+    from forge_ray.core.quantize.registry import load_quantizer
 
     p = TrialParams(**{**base, **config})
     s: Sample = ray.get(sample_ref[0]) if isinstance(sample_ref, list) else sample_ref

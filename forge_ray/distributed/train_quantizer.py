@@ -31,7 +31,7 @@ from typing import Literal
 
 from forge_ray import logs
 from forge_ray.config import DebugConfig, ScaleConfig, require, to_dict
-from forge_ray.core.quantize.base import load_quantizer
+from forge_ray.core.quantize.registry import load_quantizer
 from forge_ray.core.quantize.rq_kmeans import RQKMeans, RQKMeansConfig
 from forge_ray.core.quantize.rqvae import RQVAE, RQVAEConfig
 from forge_ray.core.quantize.train_loop import TrainConfig

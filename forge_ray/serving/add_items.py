@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from forge_ray.core.quantize.base import load_quantizer, quantizer_dim
+from forge_ray.core.quantize.registry import load_quantizer, quantizer_dim
 from forge_ray.core.sid.codes import pack_codes
 from forge_ray.core.sid.cold_start import place_new_items
 from forge_ray.data.schema import DATASET_KIND, embeddings_to_numpy

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from forge_ray.config import load_config
-from forge_ray.core.quantize.base import load_quantizer
+from forge_ray.core.quantize.registry import load_quantizer
 from forge_ray.core.quantize.rq_kmeans import RQKMeans
 from forge_ray.core.sid.collisions import CollisionConfig, resolve_all
 from forge_ray.core.sid.export import read_sid_table, read_sid_tokens

@@ -11,29 +11,14 @@ import pytest
 from tests.ray.test_assign import make_dataset, read_out, tiny  # noqa: F401  (tiny is a fixture)
 
 from forge_ray.config import load_config
-from forge_ray.core.quantize.base import load_quantizer
+from forge_ray.core.quantize.registry import load_quantizer
 from forge_ray.core.sid.metrics import (SidMetricsConfig, embedding_hitrate, level_counts,
                                         reconstruction_mse, sid_counts, sid_quality)
 from forge_ray.distributed.assign import AssignConfig, assign
-from forge_ray.distributed.sid_metrics import (SidMetricsStageConfig, expand_hist,
-                                               histogram_quality, sid_metrics)
+from forge_ray.distributed.sid_metrics import SidMetricsStageConfig, sid_metrics
 from forge_ray.errors import InputError
 
 pytestmark = pytest.mark.ray
-
-
-def test_histogram_quality_equals_core():
-    rng = np.random.default_rng(3)
-    counts = rng.integers(1, 9, size=500)
-    hist = np.bincount(counts)
-    want = sid_quality(counts, [])
-    got = histogram_quality(hist)
-    for k in ("items", "sids", "collision_rate", "unique_sid_ratio", "max_items_per_sid", "gini"):
-        assert got[k] == pytest.approx(want[k], rel=1e-12), k
-    full, sampled = expand_hist(hist, 10_000, 0)
-    assert not sampled and np.array_equal(np.sort(full), np.sort(counts))
-    part, sampled = expand_hist(hist, 100, 0)
-    assert sampled and part.size == 100
 
 
 @pytest.fixture(scope="module")

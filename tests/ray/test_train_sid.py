@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from forge_ray.config import load_config
-from forge_ray.core.quantize.base import load_quantizer
+from forge_ray.core.quantize.registry import load_quantizer
 from forge_ray.core.quantize.rq_kmeans import RQKMeans, RQKMeansConfig
 from forge_ray.data.schema import PAIRS_SCHEMA, ShardWriter, embedding_array, items_schema
 from forge_ray.distributed.kmeans_ray import ShardedData

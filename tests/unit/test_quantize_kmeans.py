@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from forge_ray.core.quantize.balanced import sinkhorn_assign, sinkhorn_bias
-from forge_ray.core.quantize.base import QUANTIZER_FILE, Quantizer, load_quantizer
+from forge_ray.core.quantize.base import QUANTIZER_FILE, Quantizer
+from forge_ray.core.quantize.registry import load_quantizer
 from forge_ray.core.quantize.kmeans import ArrayData, Assignment, kmeans
 from forge_ray.core.quantize.rq_kmeans import RQKMeans, RQKMeansConfig
 from forge_ray.errors import InputError

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from forge_ray.core.quantize.base import Quantizer, load_quantizer
+from forge_ray.core.quantize.base import Quantizer
+from forge_ray.core.quantize.registry import load_quantizer
 from forge_ray.core.quantize.losses import (LossConfig, commitment_loss, contrastive_loss, info_nce,
                                             reconstruction_loss)
 from forge_ray.core.quantize.rqvae import RQVAE, RQVAEConfig

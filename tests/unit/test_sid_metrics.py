@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from forge_ray.core.sid.metrics import (SidMetricsConfig, collision_rate, embedding_hitrate, gini,
-                                        level_counts, lorenz_curve, max_items_per_sid, perplexity,
+from forge_ray.core.sid.metrics import (SidMetricsConfig, collision_rate, embedding_hitrate, expand_hist,
+                                        gini, histogram_quality, level_counts, lorenz_curve, max_items_per_sid, perplexity,
                                         reconstruction_mse, sid_counts, sid_quality,
                                         unique_sid_ratio, utilization)
 
@@ -117,3 +117,17 @@ def test_embedding_hitrate_rejects_bad_inputs():
         embedding_hitrate(IDS, RECON, HIST, TARGETS[:3])
     with pytest.raises(ValueError, match="topk"):
         SidMetricsConfig(topk=0)
+
+
+def test_histogram_quality_equals_core():
+    rng = np.random.default_rng(3)
+    counts = rng.integers(1, 9, size=500)
+    hist = np.bincount(counts)
+    want = sid_quality(counts, [])
+    got = histogram_quality(hist)
+    for k in ("items", "sids", "collision_rate", "unique_sid_ratio", "max_items_per_sid", "gini"):
+        assert got[k] == pytest.approx(want[k], rel=1e-12), k
+    full, sampled = expand_hist(hist, 10_000, 0)
+    assert not sampled and np.array_equal(np.sort(full), np.sort(counts))
+    part, sampled = expand_hist(hist, 100, 0)
+    assert sampled and part.size == 100

@@ -7,9 +7,9 @@ fixed prefix (FORGE's collision handling moves overflow items to the next-neares
 level-L code under the same level-1..L-1 prefix).
 
 Saved form: a folder with ``quantizer.json`` (``{"type": ..., "sizes": ...,
-"config": ...}``) plus the type's weight file; :func:`load_quantizer` dispatches
-on ``type``. Weights are stored as safetensors / plain ``.npz`` read with
-``allow_pickle=False``: nothing here runs an unpickler on user files.
+"config": ...}``) plus the type's weight file;
+:func:`forge_ray.core.quantize.registry.load_quantizer` dispatches on ``type``. Weights
+are stored as safetensors / plain ``.npz`` read with ``allow_pickle=False``: nothing here runs an unpickler on user files.
 """
 
 from __future__ import annotations
@@ -166,25 +166,3 @@ def saved_config_and_weights(folder: str | os.PathLike, qtype: str, config_cls: 
     if not path.is_file():
         raise InputError(folder, f"missing {weights_file}")
     return config, path
-
-
-def load_quantizer(folder: str | os.PathLike) -> Quantizer:
-    """Load any saved quantizer; dispatches on ``quantizer.json``'s ``type``."""
-    from forge_ray.core.quantize.rq_kmeans import RQKMeans
-    from forge_ray.core.quantize.rqvae import RQVAE
-
-    types = {RQVAE.TYPE: RQVAE, RQKMeans.TYPE: RQKMeans}
-    meta = read_quantizer_json(folder)
-    cls = types.get(meta["type"])
-    if cls is None:
-        raise InputError(Path(folder) / QUANTIZER_FILE,
-                         f"unknown quantizer type {meta['type']!r}; known: {', '.join(types)}")
-    return cls.load(folder)
-
-
-def quantizer_dim(q: Quantizer) -> int:
-    """Input embedding width of a loaded quantizer."""
-    config = getattr(q, "config", None)
-    if hasattr(config, "in_dim"):
-        return int(config.in_dim)
-    return int(q.codebooks[0].shape[1])

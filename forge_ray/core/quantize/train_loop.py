@@ -14,15 +14,18 @@ import functools
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from forge_ray.config import require
 from forge_ray.core.quantize.base import check_embeddings
 from forge_ray.core.quantize.losses import (LossConfig, commitment_loss, contrastive_loss,
                                             reconstruction_loss)
-from forge_ray.core.quantize.rqvae import RQVAE, RQVAEOutput
 from forge_ray.core.schedule import warmup_cosine_factor
 from forge_ray.errors import InputError
+
+# ``model`` below is an RQVAE (annotated nn.Module: rqvae imports this module for
+# RQVAE.fit, so importing it back would be a cycle).
 
 
 @dataclasses.dataclass
@@ -50,14 +53,14 @@ class TrainConfig:
         require(self.log_every >= 1, "log_every must be >= 1")
 
 
-def _quantization_loss(model: RQVAE, out: RQVAEOutput, x: torch.Tensor, cfg: LossConfig):
+def _quantization_loss(model: nn.Module, out, x: torch.Tensor, cfg: LossConfig):
     recon = reconstruction_loss(out.x_hat, x)
     codebook_w = 0.0 if model.config.ema else cfg.codebook_weight  # EMA moves the codes instead
     commit = commitment_loss(out.residuals, out.quantized, cfg.commit_weight, codebook_w)
     return cfg.recon_weight * recon + commit, recon, commit
 
 
-def compute_loss(model: RQVAE, recon_batch: torch.Tensor | None,
+def compute_loss(model: nn.Module, recon_batch: torch.Tensor | None,
                  pair_batch: tuple[torch.Tensor, torch.Tensor] | None,
                  cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one step: FORGE Eq. 3 on ``recon_batch`` (B, D) and, on ``pair_batch``
@@ -93,7 +96,7 @@ def compute_loss(model: RQVAE, recon_batch: torch.Tensor | None,
     return loss, metrics
 
 
-def train_step(model: RQVAE, optimizer: torch.optim.Optimizer, recon_batch, pair_batch,
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, recon_batch, pair_batch,
                cfg: LossConfig, scheduler=None) -> dict[str, float]:
     """One optimisation step plus codebook maintenance (EMA, dead-code restart)."""
     optimizer.zero_grad(set_to_none=True)
@@ -122,7 +125,7 @@ def warmup_cosine(optimizer, warmup: int, total: int, min_ratio: float):
         warmup_cosine_factor, warmup=warmup, total=total, min_ratio=min_ratio))
 
 
-def train_rqvae(model: RQVAE, x: np.ndarray, pairs: np.ndarray | None = None,
+def train_rqvae(model: nn.Module, x: np.ndarray, pairs: np.ndarray | None = None,
                 pair_embeds: np.ndarray | None = None, cfg: TrainConfig | None = None) -> list[dict]:
     """Train ``model`` in place on (N, D) ``x`` and optional (P, 2) ``pairs`` of row
     indices into ``pair_embeds`` (default ``x``). k-means-initialises the codebooks

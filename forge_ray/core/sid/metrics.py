@@ -286,3 +286,35 @@ def _gallery_rows(n_items, hist_rows, target_rows, cfg, rng) -> np.ndarray:
     extra = max(cfg.gallery_size - must.size, 0)
     others = np.setdiff1d(np.arange(n_items), must, assume_unique=True)
     return np.sort(np.r_[must, rng.choice(others, min(extra, others.size), replace=False)])
+
+
+def histogram_quality(hist: np.ndarray) -> dict:
+    """Count metrics of SIDs from ``hist[v]`` = number of SIDs holding v items.
+
+    Exactly the core ``sid_quality`` numbers (items, sids, collision_rate,
+    unique_sid_ratio, max_items_per_sid, gini) without expanding per-SID counts: in
+    FORGE's Gini the SIDs sorted ascending form one block per value v occupying ranks
+    a+1..a+f, whose weights (N+1-i) sum to f(N+1) - f(2a+f+1)/2.
+    """
+    values = np.flatnonzero(hist)
+    if values.size == 0:
+        raise ValueError("no items counted")
+    freq = hist[values].astype(np.float64)
+    v = values.astype(np.float64)
+    items, sids = float((v * freq).sum()), float(freq.sum())
+    before = np.r_[0.0, np.cumsum(freq)[:-1]]  # SIDs ranked before each block
+    weights = freq * (sids + 1) - freq * (2 * before + freq + 1) / 2
+    return {"items": int(items), "sids": int(sids),
+            "collision_rate": float((v * freq)[values > 1].sum() / items),
+            "unique_sid_ratio": sids / items, "max_items_per_sid": int(values.max()),
+            "gini": float((sids + 1) / sids - 2.0 * (weights * v).sum() / (sids * items))}
+
+
+def expand_hist(hist: np.ndarray, limit: int, seed: int) -> tuple[np.ndarray, bool]:
+    """Per-SID counts from a histogram; a seeded sample of ``limit`` SIDs if larger."""
+    values = np.flatnonzero(hist)
+    freq = hist[values]
+    sampled = freq.sum() > limit
+    if sampled:
+        freq = np.random.default_rng(seed).multivariate_hypergeometric(freq, limit)
+    return np.repeat(values, freq), bool(sampled)
