@@ -7,7 +7,9 @@ Then the same requests through a local Ray Serve app (one replica, ``@serve.batc
 connections): requests/s and p50/p99 latency. Torch uses ``--threads`` threads in both.
 
 A trivial deployment (parse the JSON, answer it) on the same proxy shows what Ray
-Serve's HTTP path itself allows on this machine. Checks printed with the numbers: every recommended item exists in the SID table
+Serve's HTTP path itself allows on this machine, and the same requests through the app's
+``DeploymentHandle`` (``handle.recommend.remote``, no HTTP proxy) show what the replica's
+batching gives without it. Checks printed with the numbers: every recommended item exists in the SID table
 (invalid rate 0) and every Serve answer equals the in-process answer to the same history.
 
     make demo && python bench/bench_serve.py --model demo_out/train_gr
@@ -87,6 +89,33 @@ def through_serve(hs: list[list[str]], k: int, clients: int, route: str = "/reco
             "rps": len(hs) / wall, "p50": pct(lat, 50), "p99": pct(lat, 99)}
 
 
+def through_handle(hs: list[list[str]], k: int, clients: int) -> dict:
+    """The same requests from Python through the app's DeploymentHandle (no HTTP proxy),
+    at most ``clients`` in flight."""
+    import asyncio
+
+    from ray import serve
+
+    handle = serve.get_app_handle("forge_ray")
+
+    async def run():
+        gate, lat = asyncio.Semaphore(clients), []
+
+        async def one(h):
+            async with gate:
+                t = time.perf_counter()
+                answer = await handle.recommend.remote({"history": h, "k": k})
+                lat.append(time.perf_counter() - t)
+                return answer
+
+        t = time.perf_counter()
+        answers = await asyncio.gather(*(one(h) for h in hs))
+        return answers, time.perf_counter() - t, lat
+
+    answers, wall, lat = asyncio.run(run())
+    return {"answers": answers, "rps": len(hs) / wall, "p50": pct(lat, 50), "p99": pct(lat, 99)}
+
+
 def _get(path: str) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
     conn.request("GET", path)
@@ -149,6 +178,11 @@ def main() -> None:
             same = sum(a.get("items") == b.items for a, b in zip(r["answers"], base["answers"]))
             rows.append((c, r, same))
         echo = through_serve(hs, args.k, clients[-1], route="/echo")
+        stats = _get("/stats")
+        by_handle = through_handle(hs, args.k, clients[-1])
+        after = _get("/stats")
+        by_handle["mean_batch"] = (after["requests"] - stats["requests"]) / max(after["batches"] - stats["batches"], 1)
+        by_handle["same"] = sum(a["items"] == b.items for a, b in zip(by_handle["answers"], base["answers"]))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -162,11 +196,15 @@ def main() -> None:
         ok = sum(s == 200 for s in r["statuses"])
         print(f"{f'Serve, {c} client(s)':<34}{r['rps']:>9.1f}{r['p50']:>9.1f}{r['p99']:>9.1f}  "
               f"{same:>5}/{len(hs)}  ({ok} x 200, mean batch {r['mean_batch']:.1f})")
+    h = by_handle
+    print(f"{f'Serve handle (no HTTP), {clients[-1]} in flight':<34}{h['rps']:>9.1f}{h['p50']:>9.1f}{h['p99']:>9.1f}  "
+          f"{h['same']:>5}/{len(hs)}  (mean batch {h['mean_batch']:.1f})")
     print(f"{f'Serve echo (no model), {clients[-1]} clients':<34}{echo['rps']:>9.1f}{echo['p50']:>9.1f}"
           f"{echo['p99']:>9.1f}  (the proxy path's own ceiling here)")
     top = rows[-1]
     print(f"\nServe at {top[0]} clients / in-process batched: {top[1]['rps'] / base['batched_rps']:.2f}x "
-          f"(target >= 0.7x); echo / in-process batched: {echo['rps'] / base['batched_rps']:.2f}x")
+          f"(target >= 0.7x); echo / in-process batched: {echo['rps'] / base['batched_rps']:.2f}x; "
+          f"handle / in-process batched: {h['rps'] / base['batched_rps']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,17 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``own_cluster`` run before anything starts the session cluster.
+
+    A CLI run that starts its own local cluster while the session cluster is up finds
+    two Ray instances on the machine: Ray Train's placement-group cleaner then picks
+    "the latest" one and says so on every poll (and could pick the wrong one), which a
+    user's machine with one cluster never sees. The sort is stable.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A head + one worker node on 127.0.0.1; the driver is connected to it."""

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from forge_ray.core.sid.codes import level_offsets, pack_codes, token_array
-from forge_ray.data.sources import Chunk, ReadResult, read_lines, text_splits
+from forge_ray.data.chunks import Chunk, ReadResult, read_lines, text_splits
 from forge_ray.errors import InputError
 
 HEADER = ["id", "system", "user", "answer"]

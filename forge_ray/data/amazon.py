@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from forge_ray.data.schema import items_schema
-from forge_ray.data.sources import Chunk, ReadResult, read_lines, text_splits
+from forge_ray.data.chunks import Chunk, ReadResult, read_lines, text_splits
 from forge_ray.errors import InputError
 
 ITEMS_FILE = "item_text.txt"

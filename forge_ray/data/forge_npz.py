@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from forge_ray.data import npz, resources
 from forge_ray.data.schema import PAIRS_SCHEMA, embedding_array, items_schema
-from forge_ray.data.sources import Chunk, ReadResult, finite_rows
+from forge_ray.data.chunks import Chunk, ReadResult, finite_rows
 from forge_ray.errors import InputError
 
 REQUIRED = {

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from forge_ray.data.sources import Chunk, ReadResult, read_lines, text_splits
+from forge_ray.data.chunks import Chunk, ReadResult, read_lines, text_splits
 from forge_ray.errors import InputError
 
 SCHEMA = pa.schema([pa.field("user_id", pa.int64(), nullable=False),
@@ -74,19 +74,12 @@ def _csv_header(path: str) -> tuple[str, int]:
 
 
 def plan(path: str, chunk_rows: int) -> list[Chunk]:
-    from forge_ray.data import parquet_in
-
-    if parquet_in.is_parquet(path):
-        return parquet_in.plan(path, chunk_rows, fmt="interactions")
+    """CSV logs (Parquet logs are read by :mod:`forge_ray.data.parquet_in`)."""
     _, start = _csv_header(path)
     return [Chunk(path, "interactions", "interactions", s, e) for s, e in text_splits(path, chunk_rows, start)]
 
 
 def read(chunk: Chunk, strict: bool = False) -> ReadResult:
-    from forge_ray.data import parquet_in
-
-    if parquet_in.is_parquet(chunk.path):
-        return parquet_in.read(chunk, strict)
     header, _ = _csv_header(chunk.path)
     delim = _delimiter(header)
     names = [c.strip().strip('"') for c in header.split(delim)]
@@ -150,9 +143,5 @@ def _timestamp(col: pa.ChunkedArray, source: str, name: str) -> pa.ChunkedArray:
 
 
 def info(path: str, fmt: str) -> dict:
-    from forge_ray.data import parquet_in
-
-    if parquet_in.is_parquet(path):
-        return parquet_in.info(path, fmt)
     _csv_header(path)
     return {"embedding_dim": 0, "embedding_dtype": None, "bytes": os.path.getsize(path), "rows": {}}

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from forge_ray.data import interactions
 from forge_ray.data.schema import PAIRS_SCHEMA, embedding_array, embeddings_to_numpy, items_schema
-from forge_ray.data.sources import Chunk, ReadResult, finite_rows
+from forge_ray.data.chunks import Chunk, ReadResult, finite_rows
 from forge_ray.errors import InputError
 
 SUBFOLDERS = ("items", "pairs", "sequences", "interactions")

@@ -5,7 +5,8 @@ The reader contract that ``forge_ray.distributed.ingest`` runs on Ray:
 1. :func:`detect` names the format of a path (see ``FORMATS``).
 2. :func:`plan` validates headers/members up front (missing members, length
    mismatches, corrupt archives -> one-line :class:`InputError` naming the file) and
-   splits the source into :class:`Chunk` s: small, picklable units of reading work.
+   splits the source into :class:`~forge_ray.data.chunks.Chunk` s: small, picklable
+   units of reading work (the readers share :mod:`forge_ray.data.chunks`).
 3. :func:`read_chunk` (in a Ray task) turns one chunk into a canonical Arrow table
    (schemas in :mod:`forge_ray.data.schema`) plus per-reason drop counts. Per-chunk
    checks (NaN/Inf embeddings, malformed lines) live here; ``strict=True`` turns a
@@ -34,12 +35,11 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
+from forge_ray.data.chunks import Chunk, ReadResult
 from forge_ray.errors import InputError
 
 FORMATS = ("forge_contrastive_npz", "forge_reconstruct_npz", "algr_tsv", "amazon",
@@ -58,30 +58,15 @@ _MODULES = {
 }
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One unit of reading work (small and picklable: it is sent to a Ray task)."""
-
-    path: str            # the source file (the folder for amazon / parquet folders)
-    fmt: str             # one of FORMATS
-    table: str           # one of TABLES
-    start: int           # [start, stop): rows, bytes or row groups (module doc)
-    stop: int
-    member: str = ""     # npz member, or Parquet file under ``path``
-    sid_sizes: tuple[int, ...] = ()  # AL-GR only: codebook size per SID level
-
-
-@dataclass
-class ReadResult:
-    """A chunk's canonical rows and what was dropped from it (reason -> count)."""
-
-    table: pa.Table
-    dropped: dict[str, int] = field(default_factory=dict)
-
-
-def _module(fmt: str):
+def _module(fmt: str, path: str | None = None):
+    """The reader of ``fmt``; interaction logs given as Parquet go to the Parquet reader."""
     if fmt not in _MODULES:
         raise InputError(fmt, f"unknown input format; known: {', '.join(FORMATS)}")
+    if fmt == "interactions" and path is not None:
+        from forge_ray.data import parquet_in
+
+        if parquet_in.is_parquet(path):
+            return parquet_in
     return importlib.import_module(f"forge_ray.data.{_MODULES[fmt]}")
 
 
@@ -156,10 +141,12 @@ def plan(path: str | os.PathLike, fmt: str | None = None, chunk_rows: int = 65_5
         raise InputError("chunk_rows", f"must be positive, got {chunk_rows}")
     path = os.fspath(path)
     fmt = fmt or detect(path)
-    mod = _module(fmt)
+    mod = _module(fmt, path)
     if fmt == "algr_tsv":
         return mod.plan(path, chunk_rows, tuple(int(s) for s in sid_sizes))
-    return mod.plan(path, fmt, chunk_rows) if fmt.startswith("forge_") else mod.plan(path, chunk_rows)
+    if fmt.startswith("forge_"):
+        return mod.plan(path, fmt, chunk_rows)
+    return mod.plan(path, chunk_rows, fmt=fmt) if mod.__name__.endswith("parquet_in") else mod.plan(path, chunk_rows)
 
 
 def read_chunk(chunk: Chunk, strict: bool = False, **options) -> ReadResult:
@@ -170,14 +157,14 @@ def read_chunk(chunk: Chunk, strict: bool = False, **options) -> ReadResult:
     row -> item id array from :func:`forge_ray.data.forge_npz.row_item_ids`, e.g.
     shared through the Ray object store) saves each worker from unpickling itemEncID.
     """
-    return _module(chunk.fmt).read(chunk, strict=strict, **options)
+    return _module(chunk.fmt, chunk.path).read(chunk, strict=strict, **options)
 
 
 def source_info(path: str | os.PathLike, fmt: str | None = None) -> dict:
     """Small facts for a manifest: format, embedding dim/dtype, row counts per table."""
     path = os.fspath(path)
     fmt = fmt or detect(path)
-    return {"path": path, "format": fmt, **_module(fmt).info(path, fmt)}
+    return {"path": path, "format": fmt, **_module(fmt, path).info(path, fmt)}
 
 
 # ----------------------------------------------------------------- global-check helpers
@@ -198,48 +185,3 @@ def unknown(ids: np.ndarray, known_sorted: np.ndarray) -> np.ndarray:
     return known_sorted[pos] != ids
 
 
-def finite_rows(emb: np.ndarray) -> np.ndarray:
-    """(N,) bool: rows of an (N, D) embedding with no NaN/Inf."""
-    return np.isfinite(emb).all(axis=1) if emb.size else np.ones(len(emb), dtype=bool)
-
-
-def text_splits(path: str, approx_rows: int, data_start: int = 0,
-                sample_lines: int = 256) -> list[tuple[int, int]]:
-    """Byte ranges ``[start, stop)`` of about ``approx_rows`` lines each, from a sample.
-
-    The average line length is estimated from the first ``sample_lines`` lines after
-    ``data_start`` (no full scan). Readers align each range to line starts.
-    """
-    size = os.path.getsize(path)
-    if size <= data_start:
-        return []
-    with open(path, "rb") as f:
-        f.seek(data_start)
-        lines = [f.readline() for _ in range(sample_lines)]
-    lines = [ln for ln in lines if ln]
-    avg = max(1, sum(map(len, lines)) // max(1, len(lines)))
-    step = max(1, approx_rows * avg)
-    return [(s, min(size, s + step)) for s in range(data_start, size, step)]
-
-
-def read_lines(path: str, start: int, stop: int) -> list[tuple[int, bytes]]:
-    """``(offset, line)`` for every line whose first byte lies in ``[start, stop)``.
-
-    A line starts at ``start`` only when ``start`` is 0 or follows a newline; lines
-    keep no trailing newline. Memory: the chunk's bytes plus one line.
-    """
-    out: list[tuple[int, bytes]] = []
-    with open(path, "rb") as f:
-        pos = start
-        if start > 0:
-            f.seek(start - 1)
-            if f.read(1) != b"\n":
-                pos = start + len(f.readline())  # finish the line that began earlier
-        f.seek(pos)
-        while pos < stop:
-            line = f.readline()
-            if not line:
-                break
-            out.append((pos, line.rstrip(b"\r\n")))
-            pos += len(line)
-    return out

@@ -4,15 +4,18 @@ Each replica holds one :class:`~forge_ray.serving.recommender.Recommender` (mode
 trie, item tables; on its GPU when ``gpus_per_replica`` > 0). Requests are parsed and
 checked one by one (a malformed one gets a 4xx with a message and never reaches the
 model), then queued into ``@serve.batch`` so concurrent requests share one batched
-beam search. ``GET /stats`` gives the replica's request and batch counts (how full batches are).
-Answer::
+beam search. Answer::
 
     {"items": [item ids], "keys": [source keys], "scores": [SID log-probs],
      "unknown": [history entries skipped]}
 
-The proxy binds to loopback (``host`` 127.0.0.1) unless configured otherwise.
-Started by ``forge-ray serve --model GR_DIR`` or, with a Serve config file,
-``serve run configs/serve/recommend.yaml`` / ``serve deploy`` (see :func:`app_builder`).
+Python callers and other deployments can skip HTTP: ``handle.recommend.remote(body)`` on
+the app's handle gives the same answer as a dict. ``GET /stats`` gives the replica's
+request and batch counts (how full its batches are).
+
+The proxy binds to loopback (``host`` 127.0.0.1) unless configured otherwise. Started
+by ``forge-ray serve --model GR_DIR`` or, with a Serve config file, ``serve run
+configs/serve/recommend.yaml`` / ``serve deploy`` (see :func:`app_builder`).
 """
 
 from __future__ import annotations
@@ -138,15 +141,23 @@ class RecommenderDeployment:
         if request.method != "POST":
             return JSONResponse({"error": "use POST /recommend"}, status_code=405)
         try:
-            history, k = parse_request(await request.json(), self.cfg.max_k)
-            ids, unknown = self.rec.resolve(history, "request")
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
+        try:
+            return JSONResponse(await self.recommend(body))
         except (BadRequest, InputError) as e:
             return JSONResponse({"error": str(e)}, status_code=400)
-        except ValueError:  # body is not JSON
-            return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
+
+    async def recommend(self, body: Any) -> dict:
+        """The answer to one request body, also for ``DeploymentHandle`` callers
+        (``handle.recommend.remote({"history": [...], "k": 10})``: other deployments,
+        Python clients), who skip the HTTP proxy. BadRequest / InputError on bad input."""
+        history, k = parse_request(body, self.cfg.max_k)
+        ids, unknown = self.rec.resolve(history, "request")
         items, scores = await self._batched((ids, k))
-        return JSONResponse({"items": items.tolist(), "keys": self.rec.keys.to_keys(items),
-                             "scores": [round(float(s), 6) for s in scores], "unknown": unknown})
+        return {"items": items.tolist(), "keys": self.rec.keys.to_keys(items),
+                "scores": [round(float(s), 6) for s in scores], "unknown": unknown}
 
 
 def build_app(model_dir: str | os.PathLike, sids: str | os.PathLike | None = None,

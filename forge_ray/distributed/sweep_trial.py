@@ -25,8 +25,8 @@ from typing import Literal
 import numpy as np
 
 from forge_ray.config import require
+from forge_ray.core.sid.collisions import Strategy
 
-STRATEGIES = ("none", "suffix", "cap", "random", "sinkhorn")
 # The key of a trial's last report, the one with the SID metrics. Not Tune's ``done``:
 # Tune sets that on every trial it ends, also on one ASHA stops early.
 COMPLETE = "sid_metrics_done"
@@ -49,7 +49,7 @@ class TrialParams:
     recon_weight: float = 1.0
     contrastive_weight: float = 1.0
     commit_weight: float = 0.5
-    collision: Literal["none", "suffix", "cap", "random", "sinkhorn"] = "suffix"
+    collision: Strategy = "suffix"  # core.sid.collisions: the one list of strategies
     cap: int = 5
     epochs: int = 3
     steps_per_epoch: int = 20

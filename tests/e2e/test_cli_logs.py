@@ -34,6 +34,7 @@ def pipeline(*args: str) -> list[str]:
     return r.stdout.splitlines()
 
 
+@pytest.mark.own_cluster
 @pytest.mark.timeout(900)
 def test_pipeline_log_is_short_and_clean(tmp_path):
     run = tmp_path / "run"

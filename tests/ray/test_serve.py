@@ -74,6 +74,14 @@ def test_malformed_requests_get_400_and_the_replica_keeps_serving(served, body, 
     assert status == 200 and len(ok["items"]) == 3
 
 
+def test_deployment_handle_gives_the_http_answer(served):
+    from ray import serve
+
+    body = {"history": [served.key(i) for i in served.item_ids[3:6]], "k": 4}
+    status, over_http = post(body)
+    assert status == 200 and serve.get_app_handle("forge_ray").recommend.remote(body).result() == over_http
+
+
 def test_other_routes_and_methods(served):
     assert post({}, path="/nothing")[0] == 404
     assert post(b"", method="GET")[0] == 405
