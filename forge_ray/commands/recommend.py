@@ -58,12 +58,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("-k/--batch-size", "must be >= 1")
     histories, sources = _histories(args)
     rec = Recommender.from_dir(args.model, sids=args.sids, device=args.device, batch_size=args.batch_size)
-    resolved = [rec.resolve(h, src) for h, src in zip(histories, sources)]  # all checked before decoding
-    ranked = rec.recommend_ids([ids for ids, _ in resolved], args.k)
-    for n, ((items, scores), (_, unknown), src) in enumerate(zip(ranked, resolved, sources)):
-        if unknown:
-            print(f"forge-ray recommend: {src}: skipped {len(unknown)} unknown item(s): "
-                  f"{' '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}", file=sys.stderr)
-        print(json.dumps({"history": n, "items": items.tolist(), "keys": rec.keys.to_keys(items),
-                          "scores": [round(float(s), 6) for s in scores], "unknown": unknown}))
+    for n, (r, src) in enumerate(zip(rec.recommend(histories, args.k, sources), sources)):
+        if r.unknown:
+            print(f"forge-ray recommend: {src}: skipped {len(r.unknown)} unknown item(s): "
+                  f"{' '.join(r.unknown[:5])}{' ...' if len(r.unknown) > 5 else ''}", file=sys.stderr)
+        print(json.dumps({"history": n, **r.to_dict()}))
     return 0

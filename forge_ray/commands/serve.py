@@ -28,11 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from forge_ray.commands import stage_config
     from forge_ray.distributed.serve import ServeConfig, start
     from forge_ray.distributed.session import ray_session
+    from forge_ray.core.gr.models import MODEL_KIND
     from forge_ray.io import read_manifest
     from ray import serve
 
     cfg = stage_config(ServeConfig, args, port=args.port)
-    read_manifest(args.model, "gr_model")  # a wrong folder fails before Ray starts
+    read_manifest(args.model, MODEL_KIND)  # a wrong folder fails before Ray starts
     stop = threading.Event()
     with ray_session(args.address):
         # after ray.init, which installs its own SIGTERM handler (a stack dump and exit)

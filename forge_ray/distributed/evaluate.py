@@ -40,6 +40,7 @@ import ray.data
 from forge_ray.config import require, to_dict
 from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable
 from forge_ray.core.gr.metrics import RetrievalMetrics
+from forge_ray.core.gr.models import MODEL_KIND
 from forge_ray.core.gr.popularity import PopularityCounter
 from forge_ray.core.gr.trie import SIDTrie
 from forge_ray.core.gr.vocab import SIDVocab
@@ -151,7 +152,7 @@ def popular_items(dataset: str | os.PathLike, k: int) -> np.ndarray:
 
 def check_vocab(model_dir: str | os.PathLike, sids: str | os.PathLike) -> SIDVocab:
     """The model's vocabulary, refused unless it matches the SID table's sizes."""
-    read_manifest(model_dir, "gr_model")
+    read_manifest(model_dir, MODEL_KIND)
     vocab = SIDVocab.load(model_dir)
     sizes = gr_data.sid_sizes(sids)
     if tuple(vocab.sizes) != tuple(sizes):

@@ -156,8 +156,7 @@ class RecommenderDeployment:
         history, k = parse_request(body, self.cfg.max_k)
         ids, unknown = self.rec.resolve(history, "request")
         items, scores = await self._batched((ids, k))
-        return {"items": items.tolist(), "keys": self.rec.keys.to_keys(items),
-                "scores": [round(float(s), 6) for s in scores], "unknown": unknown}
+        return self.rec.answer(items, scores, unknown).to_dict()
 
 
 def build_app(model_dir: str | os.PathLike, sids: str | os.PathLike | None = None,

@@ -39,13 +39,12 @@ from forge_ray import logs
 from forge_ray.config import DebugConfig, ScaleConfig, require, to_dict
 from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable
 from forge_ray.core.gr.model_card import model_card
-from forge_ray.core.gr.models import GRModelConfig, build_model, count_parameters, save_model
+from forge_ray.core.gr.models import MODEL_KIND, GRModelConfig, build_model, count_parameters, save_model
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.core.schedule import warmup_cosine_factor
 from forge_ray.distributed.gr_data import GRDataConfig
 from forge_ray.errors import InputError
 
-MODEL_KIND = "gr_model"
 # Not print() in a Ray Train worker: Ray Train patches print to log the line, and
 # also writes it to stdout because Ray workers replace sys.stdout: it shows twice.
 log = logging.getLogger(__name__)

@@ -30,13 +30,11 @@ import torch
 
 from forge_ray.core.gr.data import ItemSIDTable, history_input_ids
 from forge_ray.core.gr.decoding import generate_sids
-from forge_ray.core.gr.models import load_model
+from forge_ray.core.gr.models import MODEL_KIND, load_model
 from forge_ray.core.gr.trie import SIDTrie
 from forge_ray.errors import InputError
 from forge_ray.io import read_manifest
 from forge_ray.sid_table import SidTable
-
-MODEL_KIND = "gr_model"
 
 
 @dataclass
@@ -53,7 +51,8 @@ class Recommendation:
     unknown: list[str]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON answer of the CLI and of Serve (scores rounded to 6 decimals)."""
+        return {**asdict(self), "scores": [round(s, 6) for s in self.scores]}
 
 
 class ItemKeys:
@@ -125,10 +124,6 @@ class Recommender:
         self.table, self.trie, self.items = table, SIDTrie(codes, ids, table.sizes), ItemSIDTable(ids, codes)
         self.keys = ItemKeys(*table.item_keys())
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     # ---- answering ---------------------------------------------------------------------
     def resolve(self, history: Sequence[str | int], source: str = "history") -> tuple[np.ndarray, list[str]]:
         """Item keys -> ((n,) known item ids, unknown keys); InputError if none is known.
@@ -145,12 +140,21 @@ class Recommender:
                              if unknown else "the history is empty")
         return ids, unknown
 
-    def recommend(self, histories: Sequence[Sequence[str | int]], k: int = 10) -> list[Recommendation]:
-        """Top-``k`` items for each history of item keys (see module doc)."""
-        resolved = [self.resolve(h, f"history {i}") for i, h in enumerate(histories)]
+    def recommend(self, histories: Sequence[Sequence[str | int]], k: int = 10,
+                  sources: Sequence[str] | None = None) -> list[Recommendation]:
+        """Top-``k`` items for each history of item keys (see module doc).
+
+        Every history is resolved before any decoding; ``sources`` name them in the
+        error of one with no known item (default ``history <i>``).
+        """
+        sources = sources or [f"history {i}" for i in range(len(histories))]
+        resolved = [self.resolve(h, src) for h, src in zip(histories, sources)]
         ranked = self.recommend_ids([ids for ids, _ in resolved], k)
-        return [Recommendation(items.tolist(), self.keys.to_keys(items), scores.tolist(), unknown)
-                for (items, scores), (_, unknown) in zip(ranked, resolved)]
+        return [self.answer(items, scores, unknown) for (items, scores), (_, unknown) in zip(ranked, resolved)]
+
+    def answer(self, items: np.ndarray, scores: np.ndarray, unknown: list[str]) -> Recommendation:
+        """Ranked item ids and their scores (``recommend_ids``) as a Recommendation."""
+        return Recommendation(items.tolist(), self.keys.to_keys(items), [float(s) for s in scores], unknown)
 
     @torch.no_grad()
     def recommend_ids(self, histories: Sequence[np.ndarray], k: int = 10

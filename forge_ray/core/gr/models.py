@@ -34,6 +34,7 @@ from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.errors import InputError
 
 Arch = Literal["t5", "qwen2"]
+MODEL_KIND = "gr_model"  # manifest kind of a saved GR model folder (train-gr's output)
 
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("t5", "tiny"): dict(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1,
