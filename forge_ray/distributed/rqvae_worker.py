@@ -63,11 +63,11 @@ def _collectives(device: torch.device):
     return all_reduce, broadcast
 
 
-def _debug_fault(debug: dict, rank: int, step: int) -> None:
-    """Test hook: rank ``kill_rank`` dies at ``kill_step`` once (a marker file
-    remembers the first attempt), so a restarted worker group gets past it."""
-    if rank == debug["kill_rank"] and step == debug["kill_step"] and debug["marker"]:
-        marker = Path(debug["marker"])
+def _kill_fault(faults: dict, rank: int, step: int) -> None:
+    """Test hook (``train_common.injected_faults``): rank ``kill_rank`` dies at ``kill_step``
+    once (a marker file remembers the first attempt), so a restarted worker group gets past it."""
+    if rank == faults["kill_rank"] and step == faults["kill_step"] and faults["marker"]:
+        marker = Path(faults["marker"])
         if not marker.exists():
             marker.write_text(f"killed rank {rank} at step {step}\n")
             os._exit(1)
@@ -98,7 +98,7 @@ def rqvae_worker(cfg: dict) -> None:
     window: dict[str, list[float]] = {}  # metrics since the last log line (steps alternate kinds)
     world, window_rows, window_start = ray.train.get_context().get_world_size(), 0, time.perf_counter()
     while step < total:
-        _debug_fault(cfg["debug"], rank, step)
+        _kill_fault(cfg["faults"], rank, step)
         use_recon, use_pairs = batch_kinds(step, has_pairs, loss_cfg)
         recon = next(recon_it)["x"].to(engine.device) if use_recon else None
         pair = None
@@ -106,7 +106,7 @@ def rqvae_worker(cfg: dict) -> None:
             b = next(pair_it)
             pair = (b["a"].to(engine.device), b["b"].to(engine.device))
         loss, metrics = compute_loss(module, recon, pair, loss_cfg)
-        if step == cfg["debug"]["nan_step"]:
+        if step == cfg["faults"]["nan_step"]:  # test hook
             loss = loss * float("nan")
         bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0], device=engine.device)
         dist.all_reduce(bad)  # every rank stops at the same step if any rank saw NaN

@@ -47,6 +47,10 @@ FINGERPRINT_FILE = "forge_ray_fingerprint.json"
 DONE_FILE = "forge_ray_rank{}.done"  # in a checkpoint folder: that rank's part is on storage
 STOP_FILE = "forge_ray_stopped.json"  # in the run folder: why the workers stopped early
 PROGRESS_FILE = "forge_ray_step"  # in the run folder: the last optimizer step rank 0 finished
+# Fault injection for the tests of the training stages, read on the driver (Ray's worker
+# processes were started before a test sets them) and passed to the workers.
+FAULT_ENV = {"nan_step": "FORGE_RAY_FAULT_NAN_STEP", "kill_rank": "FORGE_RAY_FAULT_KILL_RANK",
+             "kill_step": "FORGE_RAY_FAULT_KILL_STEP", "marker": "FORGE_RAY_FAULT_MARKER"}
 
 
 class TrainingError(ForgeRayError):
@@ -91,6 +95,26 @@ def _write_small(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def injected_faults() -> dict[str, int | str]:
+    """The faults a test asked for through the environment (``FAULT_ENV``), for a loop config.
+
+    ``nan_step``: the loss is made NaN at this optimizer step. ``kill_rank`` /
+    ``kill_step`` / ``marker`` (train-sid): that rank exits at that step once, the
+    ``marker`` file remembering it. -1 / "" (unset): no fault.
+    """
+    faults: dict[str, int | str] = {}
+    for key, name in FAULT_ENV.items():
+        value = os.environ.get(name, "")
+        if key == "marker":
+            faults[key] = value
+            continue
+        try:
+            faults[key] = int(value) if value else -1
+        except ValueError:
+            raise InputError(name, f"must be an integer, got {value!r}") from None
+    return faults
 
 
 def fingerprint(shape_config: dict) -> str:

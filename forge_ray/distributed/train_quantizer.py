@@ -30,7 +30,7 @@ from typing import Literal
 
 
 from forge_ray import logs
-from forge_ray.config import DebugConfig, ScaleConfig, require, to_dict
+from forge_ray.config import ScaleConfig, require, to_dict
 from forge_ray.core.quantize.registry import load_quantizer
 from forge_ray.core.quantize.rq_kmeans import RQKMeans, RQKMeansConfig
 from forge_ray.core.quantize.rqvae import RQVAE, RQVAEConfig
@@ -60,7 +60,6 @@ class TrainSidConfig:
     scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
     storage_path: str = ""  # default: <MODEL_DIR parent>/runs
     run_name: str = ""      # default: MODEL_DIR's name
-    debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
 
     def __post_init__(self):
         require(self.epochs >= 0 and self.warmup_epochs >= 0, "epochs and warmup_epochs must be >= 0")
@@ -169,7 +168,7 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
     from forge_ray.distributed import sid_outputs
     from forge_ray.distributed.rqvae_worker import FINAL_DIR, rqvae_worker
     from forge_ray.distributed.train_common import (TrainingError, cached_if_small, deepspeed_config,
-                                                    fingerprint, fit)
+                                                    fingerprint, fit, injected_faults)
 
     run_dir = storage / name
     fp = fingerprint({"quantizer": "rqvae", "rqvae": to_dict(cfg.rqvae),
@@ -202,7 +201,7 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
         "rqvae": to_dict(cfg.rqvae), "train": to_dict(train), "init_state": model.state_dict(),
         "total_steps": total, "warmup_steps": warmup, "checkpoint_every": cfg.scale.checkpoint_every,
         "has_pairs": has_pairs, "run_dir": os.fspath(run_dir / "forge_ray"), "fingerprint": fp,
-        "torch_threads": cfg.torch_threads, "debug": to_dict(cfg.debug), "log_levels": logs.worker_levels(),
+        "torch_threads": cfg.torch_threads, "faults": injected_faults(), "log_levels": logs.worker_levels(),
         "deepspeed": deepspeed_config(cfg.scale.deepspeed_config, micro_batch=train.batch_size,
                                       grad_accum=1, world_size=workers, lr=train.lr,
                                       weight_decay=train.weight_decay, use_gpu=cfg.scale.use_gpu),

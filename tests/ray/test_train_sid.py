@@ -15,7 +15,7 @@ from forge_ray.core.quantize.rq_kmeans import RQKMeans, RQKMeansConfig
 from forge_ray.data.schema import PAIRS_SCHEMA, ShardWriter, embedding_array, items_schema
 from forge_ray.distributed.kmeans_ray import ShardedData
 from forge_ray.distributed.sid_outputs import read_jsonl
-from forge_ray.distributed.train_common import TrainingError
+from forge_ray.distributed.train_common import FAULT_ENV, TrainingError
 from forge_ray.distributed.train_quantizer import TrainSidConfig, train_sid
 from forge_ray.errors import InputError
 from forge_ray.io import read_manifest, write_manifest
@@ -59,14 +59,16 @@ def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("sid") / "ds")
 
 
-def test_rqvae_deepspeed_survives_a_killed_worker(ray_cluster, data, tmp_path):
+def test_rqvae_deepspeed_survives_a_killed_worker(ray_cluster, data, tmp_path, monkeypatch):
     ds, x = data
     marker = tmp_path / "killed"
     # Checkpoints at 3, 6, 9, 12. Ray Train registers a reported checkpoint when the
     # controller polls; the report at 6 waits for the one at 3, so by step 8 at least
     # step 3 is registered.
-    cfg = tiny("train.steps=12", "scale.checkpoint_every=3", "debug.kill_rank=1",
-               "debug.kill_step=8", f"debug.marker={marker}", tmp_path=tmp_path)
+    monkeypatch.setenv(FAULT_ENV["kill_rank"], "1")
+    monkeypatch.setenv(FAULT_ENV["kill_step"], "8")
+    monkeypatch.setenv(FAULT_ENV["marker"], str(marker))
+    cfg = tiny("train.steps=12", "scale.checkpoint_every=3", tmp_path=tmp_path)
     manifest = train_sid(ds, tmp_path / "model", cfg)
     assert marker.exists()  # rank 1 really died once
     out = tmp_path / "model"
@@ -109,9 +111,10 @@ def test_resume_continues_and_refuses_mismatches(ray_cluster, data, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_nan_loss_stops_with_the_step(ray_cluster, data, tmp_path):
+def test_nan_loss_stops_with_the_step(ray_cluster, data, tmp_path, monkeypatch):
     ds, _ = data
-    cfg = tiny("train.steps=10", "scale.checkpoint_every=2", "debug.nan_step=5", tmp_path=tmp_path)
+    monkeypatch.setenv(FAULT_ENV["nan_step"], "5")
+    cfg = tiny("train.steps=10", "scale.checkpoint_every=2", tmp_path=tmp_path)
     with pytest.raises(TrainingError, match=r"NaN at step 5.*checkpoint_"):
         train_sid(ds, tmp_path / "m", cfg)
     assert not (tmp_path / "m").exists()
