@@ -33,7 +33,7 @@ def main() -> None:
     from forge_ray.distributed.ingest import IngestConfig, ingest
     from forge_ray.distributed.pipeline import PipelineConfig, run_pipeline, summary_table
     from forge_ray.distributed.session import ray_session
-    from forge_ray.distributed.sweep import SweepConfig, run_sweep
+    from forge_ray.distributed.sweep import SweepConfig, sweep
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -50,7 +50,7 @@ def main() -> None:
                 f"data={out / 'ds'}", f"max_concurrent={conc}", "gr.top_k=0", "scheduler=fifo",
                 f"name=c{conc}"])
             t0 = time.perf_counter()
-            report = run_sweep(cfg, out / f"sweep_c{conc}")
+            report = sweep(None, out / f"sweep_c{conc}", cfg)
             sec = time.perf_counter() - t0
             rates[conc] = report["trials"] / sec * 3600
             print(f"max_concurrent={conc}: {report['trials']} trials in {sec:.1f} s "
@@ -59,7 +59,7 @@ def main() -> None:
         if not args.skip_pipeline:
             cfg = load_config(PipelineConfig, REPO / "configs/tiny/pipeline.yaml")
             t0 = time.perf_counter()
-            results = run_pipeline(cfg, out / "pipeline")
+            results = run_pipeline(out / "pipeline", cfg)
             print(summary_table(results))
             print(f"pipeline total: {time.perf_counter() - t0:.1f} s")
 

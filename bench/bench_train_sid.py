@@ -59,7 +59,7 @@ def rqvae_bench(ds: Path, x: np.ndarray, work: Path, dim: int, steps: int) -> di
               "train.pair_batch_size=256", f"train.steps={steps}", "train.log_every=10",
               "scale.checkpoint_every=1000000", f"storage_path={work / 'runs'}", "torch_threads=1"]
     out = {}
-    cfg = load_config(TrainSidConfig, "configs/tiny/train_sid.yaml", common)
+    cfg = load_config(TrainSidConfig, "configs/ci/train_sid.yaml", common)
     # Baseline: the core single-process loop, same model / batch / steps.
     torch.set_num_threads(1)
     model = RQVAE(cfg.rqvae)
@@ -69,7 +69,7 @@ def rqvae_bench(ds: Path, x: np.ndarray, work: Path, dim: int, steps: int) -> di
     train_rqvae(model, x, None, None, train_cfg)
     out["core_loop_samples_per_s"] = steps * train_cfg.batch_size / (time.perf_counter() - t)
     for workers in (1, 2):
-        cfg = load_config(TrainSidConfig, "configs/tiny/train_sid.yaml",
+        cfg = load_config(TrainSidConfig, "configs/ci/train_sid.yaml",
                           [*common, f"scale.num_workers={workers}", f"run_name=w{workers}"])
         t = time.perf_counter()
         train_sid(ds, work / f"model_w{workers}", cfg)

@@ -16,8 +16,15 @@ from forge_ray.errors import ConfigError, ForgeRayError, InputError  # noqa: E40
 from forge_ray.io import atomic_dir, read_manifest, write_manifest  # noqa: E402
 
 # Heavier parts (torch, transformers) load on first use, so `import forge_ray` stays cheap.
+# The stages, one function each, called alike: stage(inputs..., out, cfg=None, *, overwrite=False).
 _LAZY = {"Recommender": "forge_ray.serving.recommender", "Recommendation": "forge_ray.serving.recommender",
-         "SidTable": "forge_ray.sid_table", "add_items": "forge_ray.serving.add_items"}
+         "SidTable": "forge_ray.sid_table", "add_items": "forge_ray.serving.add_items",
+         "synth": "forge_ray.data.synth", "ingest": "forge_ray.distributed.ingest",
+         "embed": "forge_ray.distributed.embed", "train_sid": "forge_ray.distributed.train_quantizer",
+         "assign": "forge_ray.distributed.assign", "sid_metrics": "forge_ray.distributed.sid_metrics",
+         "train_gr": "forge_ray.distributed.train_gr", "evaluate": "forge_ray.distributed.evaluate",
+         "sweep": "forge_ray.distributed.sweep", "run_pipeline": "forge_ray.distributed.pipeline",
+         "ray_session": "forge_ray.distributed.session"}
 
 
 def __getattr__(name: str):
@@ -34,6 +41,17 @@ __all__ = [
     "Recommender",
     "SidTable",
     "add_items",
+    "synth",
+    "ingest",
+    "embed",
+    "train_sid",
+    "assign",
+    "sid_metrics",
+    "train_gr",
+    "evaluate",
+    "sweep",
+    "run_pipeline",
+    "ray_session",
     "ConfigError",
     "ForgeRayError",
     "InputError",

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("embed", "add text embeddings to a dataset's items with a sentence-transformers model"),
     "train-sid": ("train_sid", "train an RQ-VAE / RQ-KMeans SID quantizer (Ray Train + DeepSpeed)"),
     "assign": ("assign", "assign one SID per item with a trained quantizer + collision handling (Ray Data)"),
-    "sid-metrics": ("sid_metrics", "SID quality: collisions, Gini, utilisation, reconstruction, Embedding HitRate"),
+    "sid-metrics": ("sid_metrics", "SID quality: collisions, Gini, utilization, reconstruction, Embedding HitRate"),
     "train-gr": ("train_gr", "train a generative-retrieval model on SID sequences (Ray Train + DeepSpeed)"),
     "eval-gr": ("eval_gr", "Recall/NDCG/HR@K of a GR model with constrained beam search in Ray actors"),
     "pipeline": ("pipeline", "every stage from one config in one Ray session; skips finished stages"),
@@ -32,6 +32,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "serve a GR model on Ray Serve: HTTP POST /recommend with request batching"),
     "add-items": ("add_items", "SIDs for new items consistent with an existing SID table (cold start)"),
     "demo": ("demo", "synthesise a small FORGE-shaped dataset and run the pipeline on it"),
+}
+
+
+# name -> a real command line of its own, shown by its --help (tests/unit/test_cli_help.py
+# parses each one and loads its KEY=VALUE overrides into the subcommand's config).
+# Stage folders are inputs by name (--data, --model, --sids), the output is always --out.
+EXAMPLES: dict[str, str] = {
+    "synth": "forge-ray synth --out data/synth --items 10000 --dim 32 --users 2000 branching=[16,16,8]",
+    "ingest": "forge-ray ingest data/synth/contrastive_data_mask.npz data/synth/reconstruct_data_mask.npz "
+              "data/synth/interactions --out runs/tiny/ingest chunk_rows=32768",
+    "embed": "forge-ray embed --data runs/beauty/ingest --out runs/beauty/embedded batch_size=128 actors=2",
+    "train-sid": "forge-ray train-sid --data runs/tiny/ingest --out runs/tiny/train_sid "
+                 "--config configs/tiny/train_sid.yaml rq_kmeans.niter=20",
+    "assign": "forge-ray assign --model runs/tiny/train_sid --data runs/tiny/ingest --out runs/tiny/assign "
+              "--config configs/tiny/assign.yaml collisions.strategy=cap collisions.cap=4",
+    "sid-metrics": "forge-ray sid-metrics --sids runs/tiny/assign --data runs/tiny/ingest "
+                   "--out runs/tiny/sid_metrics hitrate.topk=10",
+    "train-gr": "forge-ray train-gr --data runs/tiny/ingest --sids runs/tiny/assign --out runs/tiny/train_gr "
+                "--config configs/tiny/train_gr.yaml train.lr=1e-3",
+    "eval-gr": "forge-ray eval-gr --model runs/tiny/train_gr --data runs/tiny/ingest --sids runs/tiny/assign "
+               "--out runs/tiny/eval_gr num_beams=10",
+    "pipeline": "forge-ray pipeline --config configs/tiny/pipeline.yaml --out runs/tiny until=sid_metrics",
+    "sweep": "forge-ray sweep --config configs/sweep/tiny.yaml --data runs/tiny/ingest --out runs/sweep "
+             "max_concurrent=1",
+    "recommend": "forge-ray recommend --model demo_out/train_gr --history 1092077691150 598180243684 -k 5",
+    "serve": 'forge-ray serve --model demo_out/train_gr --port 8000 replicas=2; then '
+             'curl -d \'{"history": ["1092077691150"], "k": 5}\' http://127.0.0.1:8000/recommend',
+    "add-items": "forge-ray add-items --sids demo_out/assign --data new_items_dataset --out demo_out/assign_v2",
+    "demo": "forge-ray demo --out demo_out --items 2000",
 }
 
 
@@ -49,10 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:
-    """The parser of one subcommand, with its module's own arguments."""
-    parser = argparse.ArgumentParser(prog=f"forge-ray {name}", description=COMMANDS[name][1])
+    """The parser of one subcommand, with its module's own arguments and its example
+    (:data:`EXAMPLES`: the epilog, and its KEY=VALUE overrides in the overrides' help)."""
+    parser = argparse.ArgumentParser(prog=f"forge-ray {name}", description=COMMANDS[name][1],
+                                     epilog=f"example: {EXAMPLES[name]}")
     importlib.import_module(f"forge_ray.commands.{COMMANDS[name][0]}").add_arguments(parser)
     logs.add_arguments(parser)  # -v / -q on every subcommand
+    overrides = [t for t in EXAMPLES[name].split(";")[0].split() if "=" in t and not t.startswith("-")]
+    for action in parser._actions:
+        if action.dest == "overrides" and overrides:
+            action.help = f"config overrides, e.g. {' '.join(overrides)}"
     return parser
 
 

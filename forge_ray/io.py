@@ -114,17 +114,52 @@ def code_version() -> str:
         return __version__
 
 
+# Manifest fields that name other folders or files (inputs, run folders). On disk one that
+# lies under the manifest folder's parent (a sibling stage output of one run folder) is
+# stored relative to the manifest's folder ("../ingest"), so a run folder moved whole keeps
+# its links; read_manifest gives every one back absolute (manifest_path).
+PATH_FIELDS = ("data", "dataset", "datasets", "sids", "model", "parent", "embedded_from",
+               "run_dir", "tensorboard")
+
+
 def write_manifest(folder: str | os.PathLike, kind: str, **fields: Any) -> dict:
-    """Write ``folder/manifest.json`` with ``kind``, time, code version and ``fields``."""
+    """Write ``folder/manifest.json`` with ``kind``, time, code version and ``fields``;
+    returns the manifest as given (paths absolute). ``folder`` may be the atomic
+    temporary sibling of the final folder: both have the same parent."""
     manifest = {
         "kind": kind,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
         **fields,
     }
+    stored = {k: _relative(folder, v) if k in PATH_FIELDS else v for k, v in manifest.items()}
     path = Path(folder) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    path.write_text(json.dumps(stored, indent=2, sort_keys=False, default=_jsonable) + "\n")
     return manifest
+
+
+def _relative(folder: str | os.PathLike, value: Any) -> Any:
+    """``value`` (a path or a list of paths) relative to ``folder`` where it lies under
+    ``folder``'s parent; anything else as it is."""
+    if isinstance(value, list):
+        return [_relative(folder, v) for v in value]
+    if not isinstance(value, (str, os.PathLike)) or not os.path.isabs(value):
+        return value
+    parent = os.path.dirname(os.path.abspath(folder))
+    target = os.path.normpath(value)
+    if os.path.commonpath([target, parent]) != parent:
+        return os.fspath(value)
+    return os.path.relpath(target, os.path.abspath(folder))
+
+
+def manifest_path(folder: str | os.PathLike, value: str | os.PathLike | None) -> Path | None:
+    """A path recorded in ``folder``'s manifest, absolute: a relative one is relative to
+    ``folder`` (see :data:`PATH_FIELDS`). None / "" give None. For code that reads a
+    manifest's JSON itself; :func:`read_manifest` already applies it to every path field."""
+    if value is None or value == "":
+        return None
+    p = Path(value)
+    return p if p.is_absolute() else Path(os.path.normpath(Path(folder).absolute() / p))
 
 
 def read_json_in(folder: str | os.PathLike, name: str, missing: str, what: str) -> Any:
@@ -140,10 +175,18 @@ def read_json_in(folder: str | os.PathLike, name: str, missing: str, what: str) 
 
 
 def read_manifest(folder: str | os.PathLike, kind: str | None = None) -> dict:
-    """Read ``folder/manifest.json``; check its ``kind`` when given."""
+    """Read ``folder/manifest.json``; check its ``kind`` when given. Path fields
+    (:data:`PATH_FIELDS`) come back absolute, wherever the folders were moved."""
     manifest = read_json_in(folder, MANIFEST, "not a complete forge_ray output", "manifest")
     if kind is not None and manifest.get("kind") != kind:
         raise InputError(folder, f"expected a {kind!r} output, found {manifest.get('kind')!r}")
+    for key in PATH_FIELDS:
+        value = manifest.get(key)
+        if isinstance(value, list):
+            manifest[key] = [os.fspath(manifest_path(folder, v)) if isinstance(v, str) and v else v
+                             for v in value]
+        elif isinstance(value, str) and value:
+            manifest[key] = os.fspath(manifest_path(folder, value))
     return manifest
 
 

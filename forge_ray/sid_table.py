@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from forge_ray.core.sid.export import SidTableWriter, SidTokenWriter
 from forge_ray.errors import InputError
-from forge_ray.io import read_manifest
+from forge_ray.io import manifest_path, read_manifest
 
 SIDS_KIND = "sids"
 # export/<name>/part-<i>.csv holds the rows of the i-th Parquet part (sorted order)
@@ -78,10 +78,7 @@ class SidTable:
 
     def _path_field(self, value: str | None) -> Path | None:
         """A path recorded in the manifest: relative ones are relative to this table."""
-        if not value:
-            return None
-        p = Path(value)
-        return p if p.is_absolute() else (self.path / p).resolve()
+        return manifest_path(self.path, value)
 
     @property
     def quantizer_dir(self) -> Path | None:

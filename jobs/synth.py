@@ -1,4 +1,4 @@
-"""``python -m jobs.synth OUT --items N ...``: ``forge-ray synth`` as a Ray job."""
+"""``python -m jobs.synth --out OUT --items N ...``: ``forge-ray synth`` as a Ray job."""
 
 from jobs import run_stage
 

@@ -23,7 +23,7 @@ def add_common(parser: argparse.ArgumentParser, out: str, *, out_required: bool 
     if config:
         parser.add_argument("--config", default=None, help="stage YAML config")
         parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                            help="config overrides, e.g. train.lr=1e-3")
+                            help="config overrides")  # its example: forge_ray.cli.EXAMPLES
 
 
 def stage_config(cls, args: argparse.Namespace, **flags):

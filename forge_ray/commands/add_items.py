@@ -12,8 +12,6 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("example: forge-ray add-items --sids run/assign --data new_items_dataset "
-                     "--out run/assign_v2")
     parser.add_argument("--sids", required=True, help="existing SIDS_DIR (from assign or add-items)")
     parser.add_argument("--data", required=True, help="canonical dataset of the NEW items (with embeddings)")
     parser.add_argument("--out", required=True, help="new SIDS_DIR to write (the next table version)")

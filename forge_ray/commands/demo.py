@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         remove_run_dir(out)
     with ray_session(args.address):
-        results = run_pipeline(cfg, out)
+        results = run_pipeline(out, cfg)
     print(summary_table(results))
     gr = {r.stage: r.metrics for r in results}.get("eval_gr", {})
     if "recall@10" in gr and "popularity recall@10" in gr:

@@ -19,6 +19,6 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     with ray_session(args.address):
-        results = run_pipeline(cfg, args.out)
+        results = run_pipeline(args.out, cfg)
     print(summary_table(results))
     return 0

@@ -13,15 +13,13 @@ import threading
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ('example: forge-ray serve --model demo_out/train_gr --port 8000 replicas=2; then '
-                     'curl -d \'{"history": ["1092077691150"], "k": 5}\' http://127.0.0.1:8000/recommend')
     parser.add_argument("--model", required=True, help="GR_DIR from `forge-ray train-gr`")
     parser.add_argument("--sids", default=None, help="SIDS_DIR to answer from (default: the model's)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
     parser.add_argument("--config", default=None, help="serve YAML config (ServeConfig fields)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. replicas=2 max_batch_size=32")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ServeConfig overrides")
 
 
 def run(args: argparse.Namespace) -> int:

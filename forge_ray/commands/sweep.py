@@ -19,11 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from forge_ray.commands import stage_config
     from forge_ray.distributed.session import ray_session
-    from forge_ray.distributed.sweep import SweepConfig, run_sweep
+    from forge_ray.distributed.sweep import SweepConfig, sweep
 
     cfg = stage_config(SweepConfig, args, data=args.data)
     with ray_session(args.address):
-        report = run_sweep(cfg, args.out, resume=args.resume)
+        report = sweep(None, args.out, cfg, resume=args.resume)
     print(f"{report['trials']} trials: {report['finished']} finished, {report['stopped_early']} stopped "
           f"early, {len(report['failed'])} failed -> {args.out}/report.md")
     for metric, rho in report["spearman"].items():

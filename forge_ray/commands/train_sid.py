@@ -1,4 +1,4 @@
-"""``forge-ray train-sid DATASET --out MODEL_DIR``: train a SID quantizer on Ray."""
+"""``forge-ray train-sid --data DATASET --out MODEL_DIR``: train a SID quantizer on Ray."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from forge_ray.commands import add_common
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", help="canonical dataset folder whose items have embeddings")
+    parser.add_argument("--data", required=True, help="canonical dataset folder whose items have embeddings")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run's latest checkpoint (same run_name/storage_path); "
                              "without it an existing run is refused")
@@ -22,12 +22,12 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(TrainSidConfig, args.config, args.overrides)
     with ray_session(args.address):
-        manifest = train_sid(args.dataset, args.out, cfg, overwrite=args.overwrite,
+        manifest = train_sid(args.data, args.out, cfg, overwrite=args.overwrite,
                              resume=args.resume)
-    util = ", ".join(f"{u:.2f}" for u in manifest["utilisation"])
+    util = ", ".join(f"{u:.2f}" for u in manifest["utilization"])
     print(f"trained {manifest['quantizer']} {manifest['sizes']} on "
           f"{manifest['dataset_counts']['items']:,} items -> {args.out} "
-          f"(utilisation per level: {util})")
+          f"(utilization per level: {util})")
     if manifest.get("tensorboard"):
         print(f"TensorBoard: {manifest['tensorboard']}")
     return 0

@@ -212,6 +212,21 @@ def check_fits(cfg: SynthConfig, out: str | Path) -> None:
     require_disk(need["disk"], out, None, what, "lower items, dim or users, or write elsewhere")
 
 
+def synth(out: str | Path, cfg: SynthConfig | None = None, *, overwrite: bool = False,
+          progress: bool = True) -> dict:
+    """The ``synth`` stage: generate into the folder ``out`` (created atomically, with a
+    manifest of kind :data:`KIND`); returns the manifest. Runs in process (no Ray)."""
+    from forge_ray.io import atomic_dir, write_manifest
+
+    cfg = cfg or SynthConfig()
+    with atomic_dir(out, overwrite, kind=KIND) as tmp:
+        counts = generate(cfg, tmp, progress=progress)
+        return write_manifest(tmp, KIND, generator="forge_ray.data.synth", config=asdict(cfg),
+                              counts=counts,
+                              files={"contrastive": CONTRASTIVE_FILE, "reconstruct": RECONSTRUCT_FILE,
+                                     "interactions": f"{INTERACTIONS_DIR}/", "truth": "truth.json"})
+
+
 def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> dict:
     """Write the synthetic dataset into the existing folder ``out``; returns counts.
 

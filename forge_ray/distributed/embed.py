@@ -90,15 +90,14 @@ class TextEmbedder:
 
 
 def embed(dataset: str | os.PathLike, out: str | os.PathLike | None = None,
-          model: str = DEFAULT_MODEL, batch_size: int = 64, actors: int = 1,
-          overwrite: bool = False) -> dict:
-    """Embed ``dataset``'s item text into ``out`` (default: replace ``dataset``).
+          cfg: EmbedConfig | None = None, *, overwrite: bool = False) -> dict:
+    """Embed ``dataset``'s item text into ``out`` (None: replace ``dataset``).
 
     Needs a Ray connection. Returns the new manifest. Raises InputError if the items
     have no text, the model cannot be found, or the item count changes.
     """
-    if batch_size < 1 or actors < 1:
-        raise InputError("--batch-size/--actors", "must be at least 1")
+    cfg = cfg or EmbedConfig()
+    model, batch_size, actors = cfg.model, cfg.batch_size, cfg.actors
     old = dataset_manifest(dataset)
     items = read_items(dataset)
     if "text" not in items.schema().names:

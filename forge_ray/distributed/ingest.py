@@ -82,7 +82,7 @@ class IngestConfig:
         require(self.buckets >= 0, "buckets must be >= 0")
 
 
-def ingest(paths: list[str], out: str | os.PathLike, config: IngestConfig = IngestConfig(),
+def ingest(paths: list[str], out: str | os.PathLike, cfg: IngestConfig | None = None, *,
            overwrite: bool = False, formats: list[str | None] | None = None) -> dict:
     """Ingest ``paths`` into the dataset folder ``out``; returns its manifest.
 
@@ -90,26 +90,27 @@ def ingest(paths: list[str], out: str | os.PathLike, config: IngestConfig = Inge
     and an output location every worker can write (a shared filesystem on a real
     cluster). Raises :class:`InputError` (one line, no output left) on bad input.
     """
+    cfg = cfg or IngestConfig()
     if not paths:
         raise InputError(None, "no input sources given")
     names = sources.amazon_files_as_folders([os.fspath(p) for p in paths])
     formats = formats or [None] * len(names)
     fmts = [f or sources.detect(p) for p, f in zip(names, formats)]
-    plans = [sources.plan(p, f, config.chunk_rows) for p, f in zip(names, fmts)]
+    plans = [sources.plan(p, f, cfg.chunk_rows) for p, f in zip(names, fmts)]
     infos = [sources.source_info(p, f) for p, f in zip(names, fmts)]
     _check_declared_dims(names, infos)
     chunks = [(s, ch) for s, plan in enumerate(plans) for ch in plan]
     # planned rows (from the headers; text formats plan byte ranges, so count chunks)
-    rows = sum(sum(i.get("rows", {}).values()) or len(p) * config.chunk_rows
+    rows = sum(sum(i.get("rows", {}).values()) or len(p) * cfg.chunk_rows
                for i, p in zip(infos, plans))
-    buckets = config.buckets or max(1, math.ceil(rows / KEYS_PER_BUCKET))
-    show = config.progress and logs.bars()
+    buckets = cfg.buckets or max(1, math.ceil(rows / KEYS_PER_BUCKET))
+    show = cfg.progress and logs.bars()
 
     with atomic_dir(out, overwrite=overwrite, kind=DATASET_KIND, inputs=names) as tmp:
         tmp = tmp.resolve()
         row_ids = {s: ray.put(forge_npz.row_item_ids(p)) for s, (p, f) in enumerate(zip(names, fmts))
                    if f == "forge_contrastive_npz"}
-        read = _gather([_read_task.remote(ch, s, c, str(tmp), buckets, config.strict,
+        read = _gather([_read_task.remote(ch, s, c, str(tmp), buckets, cfg.strict,
                                           row_ids.get(s) if ch.table == "items" else None)
                         for c, (s, ch) in enumerate(chunks)], "read", show)
         del row_ids
@@ -126,7 +127,7 @@ def ingest(paths: list[str], out: str | os.PathLike, config: IngestConfig = Inge
         for r, f in zip(pair_chunks, filtered):
             if f["dropped"]:
                 unknown_drops[r["src"]] += f["dropped"]
-        if config.strict and unknown_drops:
+        if cfg.strict and unknown_drops:
             src, n = next(iter(unknown_drops.items()))
             raise InputError(names[src], f"{n} pairs name item ids that no source defines "
                                          f"(e.g. {_unknown_example(checked)}); without --strict "
@@ -136,7 +137,7 @@ def ingest(paths: list[str], out: str | os.PathLike, config: IngestConfig = Inge
         shutil.rmtree(tmp / "stage", ignore_errors=True)
         shutil.rmtree(tmp / "keys", ignore_errors=True)
         manifest = _manifest(tmp, names, fmts, infos, read, checked, unknown_drops,
-                             item_cols, buckets, config)
+                             item_cols, buckets, cfg)
     return manifest
 
 

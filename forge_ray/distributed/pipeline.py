@@ -50,6 +50,7 @@ STAGES = ("synth", "ingest", "embed", "train_sid", "assign", "sid_metrics", "tra
 StageName = Literal["synth", "ingest", "embed", "train_sid", "assign", "sid_metrics", "train_gr",
                     "eval_gr"]
 STATE_FILE = "state.json"
+REPO = Path(__file__).resolve().parents[2]  # where configs/ ships
 KIND = "pipeline"  # manifest kind of RUN_DIR itself
 log = logging.getLogger(__name__)
 # keys of a stage section that are the stage's inputs, not fields of its config class
@@ -89,7 +90,8 @@ class PipelineConfig:
     its inputs (``ingest.sources``: files/folders to ingest, default the synth output;
     ``sid_metrics.with_data``: add reconstruction MSE and Embedding HitRate). A
     section's ``config: FILE.yaml`` starts it from that stage YAML (relative to the
-    working directory, like ``--config``), the section's other keys overriding the
+    working directory, like ``--config``, else to the repository for the shipped
+    configs/ files), the section's other keys overriding the
     file's: the pipeline reuses the stage configs instead of copying them.
     ``synth`` absent/null: no synthetic data. ``until``: last stage to run.
     ``train_sid.rqvae.in_dim`` defaults to the dataset's embedding width."""
@@ -122,6 +124,9 @@ class PipelineConfig:
         if "config" in raw:
             path = raw.pop("config")
             require(isinstance(path, str), f"{stage}.config must be a path to the stage's YAML")
+            shipped = REPO / path  # a shipped pipeline run from elsewhere (forge-ray demo)
+            if not Path(path).is_absolute() and not Path(path).exists() and shipped.is_file():
+                path = os.fspath(shipped)
             raw = merge(read_yaml(path), raw)
         inputs = {k: raw.pop(k) for k in INPUT_KEYS.get(stage, ()) if k in raw}
         for key, value in (overrides or {}).items():
@@ -224,17 +229,12 @@ class _Run:
 
     # each method runs one stage through its library function, writing out(stage)
     def synth(self) -> StageResult:
-        from forge_ray.data import synth
-        from forge_ray.io import atomic_dir, write_manifest
+        from forge_ray.data.synth import synth
 
         _, cfg = self.cfg.section("synth")
-
-        def action():
-            with atomic_dir(self.out("synth"), overwrite=True, kind=synth.KIND) as tmp:
-                counts = synth.generate(cfg, tmp, progress=False)
-                return write_manifest(tmp, synth.KIND, generator="forge_ray.data.synth",
-                                      config=to_dict(cfg), counts=counts)
-        return self.step("synth", {}, cfg, action, lambda m: dict(m["counts"]))
+        return self.step("synth", {}, cfg,
+                         lambda: synth(self.out("synth"), cfg, overwrite=True, progress=False),
+                         lambda m: dict(m["counts"]))
 
     def ingest(self) -> StageResult:
         from forge_ray.data import synth
@@ -258,8 +258,7 @@ class _Run:
         _, cfg = self.cfg.section("embed")
         self.data = self.out("embed")
         return self.step("embed", {}, cfg,
-                         lambda: embed(self.out("ingest"), self.data, cfg.model, cfg.batch_size,
-                                       cfg.actors, overwrite=True),
+                         lambda: embed(self.out("ingest"), self.data, cfg, overwrite=True),
                          lambda m: {"embedding_dim": m["embedding_dim"]})
 
     def run_folder(self, stage: str, cfg) -> Path:
@@ -282,7 +281,7 @@ class _Run:
             "train_sid", {}, cfg,
             lambda: train_sid(self.data, out, cfg, overwrite=True, resume=run.is_dir()),
             lambda m: {"quantizer": m["quantizer"], "sizes": m["sizes"],
-                       "utilisation": [round(u, 3) for u in m["utilisation"]]},
+                       "utilization": [round(u, 3) for u in m["utilization"]]},
             runs=(run,))
 
     def assign(self) -> StageResult:
@@ -293,7 +292,7 @@ class _Run:
             "assign", {}, cfg,
             lambda: assign(self.out("train_sid"), self.data, self.out("assign"), cfg, overwrite=True),
             lambda m: {"strategy": m["strategy"], "sizes": m["sizes"],
-                       "collision_rate": round(m["collision_stats"]["before"]["collision_rate"], 4)})
+                       "raw_collision_rate": round(m["collision_stats"]["before"]["collision_rate"], 4)})
 
     def sid_metrics(self) -> StageResult:
         from forge_ray.distributed.sid_metrics import sid_metrics
@@ -302,9 +301,9 @@ class _Run:
         with_data = inputs.get("with_data", True)
         return self.step(
             "sid_metrics", {"with_data": with_data}, cfg,
-            lambda: sid_metrics(self.out("assign"), self.out("sid_metrics"),
-                                self.data if with_data else None, cfg, overwrite=True),
-            _sid_key_metrics)
+            lambda: sid_metrics(self.out("assign"), self.data if with_data else None,
+                                self.out("sid_metrics"), cfg, overwrite=True),
+            lambda m: _sid_key_metrics(m, cfg.hitrate.topk))
 
     def train_gr(self) -> StageResult:
         from forge_ray.distributed.train_gr import train_gr
@@ -331,11 +330,14 @@ def _rounded(d: dict) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
 
 
-def _sid_key_metrics(m: dict) -> dict:
-    keys = ("collision_rate", "gini", "unique_sid_ratio", "reconstruction_mse")
+def _sid_key_metrics(m: dict, topk: int) -> dict:
+    """Raw-code collision rate beside the final SIDs' spread, reconstruction and HitRate@K."""
+    from forge_ray.core.sid.metrics import hitrate_key
+
+    keys = ("raw_collision_rate", "gini", "unique_sid_ratio", "reconstruction_mse")
     out = _rounded({k: m[k] for k in keys if m.get(k) is not None})
-    if m.get("embedding_hitrate"):
-        out["embedding_hitrate"] = round(m["embedding_hitrate"]["hitrate"], 4)
+    if m.get(hitrate_key(topk)):
+        out[hitrate_key(topk)] = round(m[hitrate_key(topk)]["hitrate"], 4)
     return out
 
 
@@ -347,7 +349,7 @@ def _eval_key_metrics(m: dict) -> dict:
     return out
 
 
-def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike,
+def run_pipeline(run_dir: str | os.PathLike, cfg: PipelineConfig, *,
                  after_stage: Callable[[StageResult], None] | None = None) -> list[StageResult]:
     """Run (or continue) the pipeline in ``run_dir``; returns one result per stage
     considered. ``after_stage`` is called after each stage (progress reporting;

@@ -32,7 +32,7 @@ from ray.data.aggregate import Count, Sum
 
 from forge_ray.config import require, to_dict
 from forge_ray.core.sid.metrics import (SidMetricsConfig, embedding_hitrate, expand_hist, histogram_quality,
-                                        perplexity, utilization)
+                                        hitrate_key, perplexity, utilization)
 from forge_ray.core.sid.plots import plot_code_usage, plot_sid_distribution
 from forge_ray.data.schema import embedding_array, embeddings_to_numpy
 from forge_ray.distributed.assign import (ActorPoolConfig, QuantizerActor, load_model, partitions_for,
@@ -165,7 +165,8 @@ def _collect(ds: ray.data.Dataset) -> pa.Table | None:
 
 def _data_metrics(sids_dir, sid_table, manifest: dict, dataset, cfg: SidMetricsStageConfig,
                   parts: int) -> dict:
-    """Reconstruction MSE, sequence coverage and Embedding HitRate (needs the dataset)."""
+    """Reconstruction MSE (of the final SIDs and ``raw_`` of the raw codes), sequence
+    coverage and Embedding HitRate@K of the final SIDs (needs the dataset)."""
     q, _ = load_model(manifest["model"])
     dmeta = dataset_manifest(dataset)
     dim, ddim = quantizer_dim(q), int(dmeta.get("embedding_dim") or 0)
@@ -184,11 +185,12 @@ def _data_metrics(sids_dir, sid_table, manifest: dict, dataset, cfg: SidMetricsS
         example = next(i for i in partial["missing_example"].to_pylist() if i >= 0)
         raise InputError(sids_dir, f"{tot['missing']} items of {dataset} have no SID "
                                    f"(e.g. item {example}): assign SIDs to this dataset first")
+    hr_key = hitrate_key(cfg.hitrate.topk)
     out = {"reconstruction_mse": tot["sq_final"] / tot["elements"] if tot["elements"] else None,
-           "reconstruction_mse_raw": tot["sq_raw"] / tot["elements"] if tot["elements"] else None,
+           "raw_reconstruction_mse": tot["sq_raw"] / tot["elements"] if tot["elements"] else None,
            "sids_of_unknown_items": tot["unknown_sids"]}
     if not (Path(dataset) / "sequences").is_dir():
-        out["embedding_hitrate"] = None
+        out[hr_key] = None
         return out
     seqs = read_sequences(dataset, columns=["user_id", "item_ids"])
     n_seq = seqs.count()
@@ -205,7 +207,7 @@ def _data_metrics(sids_dir, sid_table, manifest: dict, dataset, cfg: SidMetricsS
     sessions = _collect(seqs.map_batches(_sessions, batch_format="pyarrow",
                                          fn_kwargs={"fraction": fraction, "seed": hr.seed}))
     if sessions is None or sessions.num_rows == 0:
-        out["embedding_hitrate"] = None
+        out[hr_key] = None
         return out
     keep, distract = None, 1.0
     if hr.gallery_size is not None:
@@ -219,17 +221,18 @@ def _data_metrics(sids_dir, sid_table, manifest: dict, dataset, cfg: SidMetricsS
     result = embedding_hitrate(gallery["item_id"].to_numpy(), embeddings_to_numpy(gallery["recon"]),
                                sessions["history"], sessions["target"].to_numpy(),
                                dataclasses.replace(hr, max_sessions=None, gallery_size=None))
-    out["embedding_hitrate"] = {**result, "max_sessions": hr.max_sessions,
-                                "gallery_size": hr.gallery_size}
+    out[hr_key] = {**result, "max_sessions": hr.max_sessions,
+                   "gallery_size": hr.gallery_size}
     return out
 
 
-def sid_metrics(sids_dir: str | os.PathLike, out: str | os.PathLike,
-                dataset: str | os.PathLike | None = None, cfg: SidMetricsStageConfig | None = None,
-                overwrite: bool = False) -> dict:
+def sid_metrics(sids_dir: str | os.PathLike, dataset: str | os.PathLike | None, out: str | os.PathLike,
+                cfg: SidMetricsStageConfig | None = None, *, overwrite: bool = False) -> dict:
     """Compute SID metrics of ``sids_dir`` (plus reconstruction and HitRate with
     ``dataset``); write ``out/metrics.json``, PNG plots and a manifest. Returns the
-    metrics. Needs a Ray connection."""
+    metrics: those of the final SIDs at the top level (``gini``, ``unique_sid_ratio``,
+    ...) beside ``raw_collision_rate`` (raw codes, before collision handling); ``raw`` and
+    ``final`` hold every histogram metric of each. Needs a Ray connection."""
     cfg = cfg or SidMetricsStageConfig()
     manifest = read_manifest(sids_dir, SIDS_KIND)
     sizes, code_sizes = list(manifest["sizes"]), list(manifest["code_sizes"])
@@ -245,7 +248,7 @@ def sid_metrics(sids_dir: str | os.PathLike, out: str | os.PathLike,
             final = {**histogram_quality(counts.hist[2]), **level_quality(counts.levels[2])}
             metrics = {
                 "items": final["items"], "sids": final["sids"],
-                "collision_rate": raw["collision_rate"],
+                "raw_collision_rate": raw["collision_rate"],
                 **{k: final[k] for k in ("unique_sid_ratio", "max_items_per_sid", "gini",
                                          "utilization", "perplexity")},
                 "strategy": manifest["strategy"], "sizes": sizes, "raw": raw, "final": final}

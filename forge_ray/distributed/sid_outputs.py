@@ -1,7 +1,7 @@
 """Ray Data plumbing and report files of ``train-sid``.
 
 Reading: the items as (B, D) training batches, the pairs joined to both items'
-embeddings, seeded samples. Writing: per-level code utilisation and reconstruction
+embeddings, seeded samples. Writing: per-level code utilization and reconstruction
 error over all training items (one streaming pass), and the training curves PNG.
 """
 
@@ -98,7 +98,7 @@ def _usage_shard(path: str, quantizer, batch_size: int):
 
 def evaluate_usage(dataset, quantizer, count: int, dim: int,
                    batch_size: int = 16384) -> dict[str, float]:
-    """Per-level utilisation (share of codes used), perplexity and reconstruction MSE
+    """Per-level utilization (share of codes used), perplexity and reconstruction MSE
     over every training item: one task per item shard, the driver adds (K,) counts.
     Checks that every item was seen exactly once (the manifest's count)."""
     data = ShardedData(dataset, count, dim)
@@ -114,7 +114,7 @@ def evaluate_usage(dataset, quantizer, count: int, dim: int,
     metrics: dict[str, float] = {"items": rows, "recon_mse": sq_err / max(rows * dim, 1)}
     for i, c in enumerate(counts):
         p = c[c > 0] / rows
-        metrics[f"utilisation_l{i}"] = float((c > 0).mean())
+        metrics[f"utilization_l{i}"] = float((c > 0).mean())
         metrics[f"perplexity_l{i}"] = float(np.exp(-(p * np.log(p)).sum()))
     return metrics
 
@@ -132,7 +132,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def plot_curves(path: Path, curves: list[dict], metrics: dict, sizes: list[int]) -> None:
     """PNG: loss terms (RQ-VAE) or k-means objective per pass (RQ-KMeans), and code
-    usage per level (during training and final utilisation)."""
+    usage per level (during training and final utilization)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,11 +160,11 @@ def plot_curves(path: Path, curves: list[dict], metrics: dict, sizes: list[int])
         ax_loss.set_yscale("log")
     ax_loss.set_title("training")
     ax_loss.legend(fontsize=8)
-    final = [metrics[f"utilisation_l{i}"] for i in range(len(sizes))]
+    final = [metrics[f"utilization_l{i}"] for i in range(len(sizes))]
     ax_use.axhline(0, color="grey", lw=0.5)
     for i, u in enumerate(final):
         ax_use.scatter([ax_use.get_xlim()[1] if curves and "step" in curves[0] else i], [u],
-                       marker="*", s=80, label=f"final utilisation l{i}: {u:.2f}")
+                       marker="*", s=80, label=f"final utilization l{i}: {u:.2f}")
     ax_use.set_title("codebook usage per level")
     ax_use.set_ylim(0, 1.05)
     ax_use.legend(fontsize=8)

@@ -7,7 +7,7 @@
    sequences.
 2. Each Tune trial (a Ray actor with ``cpus_per_trial`` CPUs) runs
    :func:`~forge_ray.distributed.sweep_trial.quantizer_trial`: quantizer training
-   with per-epoch ``recon_mse`` reports (ASHA stops the worst early), SID assignment
+   with per-epoch ``raw_recon_mse`` reports (ASHA stops the worst early), SID assignment
    with the trial's collision strategy, and the SID metrics. A trial whose config
    point fails is recorded as failed and the sweep goes on (no fail-fast); one ASHA
    stops is recorded as ``stopped early`` with the metrics of its last epoch
@@ -42,8 +42,6 @@ from forge_ray.distributed.sweep_trial import (COMPLETE, Sample, SweepGRConfig, 
 from forge_ray.errors import ConfigError, InputError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-SID_METRICS = ("collision_rate", "gini", "unique_sid_ratio", "utilisation", "recon_mse",
-               "embedding_hitrate", "max_items_per_sid")
 GR_TARGET = "gr_recall@10"
 
 
@@ -66,7 +64,7 @@ class SweepConfig:
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = 1
     reduction_factor: int = 2
-    select_metric: str = "embedding_hitrate"
+    select_metric: str = "raw_embedding_hitrate@10"  # one of sid_metric_names(hitrate_topk)
     select_mode: Literal["max", "min"] = "max"
     max_items: int = 50_000
     max_sequences: int = 20_000
@@ -78,10 +76,30 @@ class SweepConfig:
         require(self.num_samples >= 1 and self.max_concurrent >= 1, "num_samples, max_concurrent must be >= 1")
         require(self.cpus_per_trial > 0, "cpus_per_trial must be > 0")
         require(self.grace_period >= 1 and self.reduction_factor >= 2, "grace_period >= 1, reduction_factor >= 2")
-        require(self.select_metric in SID_METRICS, f"select_metric must be one of {', '.join(SID_METRICS)}")
+        require(self.select_metric in self.sid_metrics,
+                f"select_metric must be one of {', '.join(self.sid_metrics)}")
         require(self.max_items >= 2 and self.max_sequences >= 1 and self.hitrate_topk >= 1,
                 "max_items >= 2, max_sequences >= 1, hitrate_topk >= 1")
         validate_space(self.space, self.base)
+
+    @property
+    def sid_metrics(self) -> tuple[str, ...]:
+        return sid_metric_names(self.hitrate_topk)
+
+    @property
+    def trial_metrics(self) -> tuple[str, ...]:
+        """What a results row keeps of a trial's last report."""
+        return ("epoch", *self.sid_metrics, "final_unique_sid_ratio", "moved", "fallback")
+
+
+def sid_metric_names(hitrate_topk: int) -> tuple[str, ...]:
+    """The SID metrics a finished trial reports, all of its raw codes (before collision
+    handling: the quantizer's own spread, which a suffix level would hide);
+    ``raw_utilization`` is the mean over the levels."""
+    from forge_ray.core.sid.metrics import hitrate_key
+
+    return ("raw_collision_rate", "raw_gini", "raw_unique_sid_ratio", "raw_utilization", "raw_recon_mse",
+            "raw_" + hitrate_key(hitrate_topk), "raw_max_items_per_sid")
 
 
 def validate_space(space: dict, base: TrialParams) -> None:
@@ -158,12 +176,17 @@ def load_sample(dataset: str | os.PathLike, cfg: SweepConfig) -> Sample:
 
 # ----------------------------------------------------------------------------- run
 
-def run_sweep(cfg: SweepConfig, out: str | os.PathLike, resume: bool = False) -> dict:
-    """Run (or resume) the sweep into ``out``; returns the report dict. Needs Ray."""
+def sweep(data: str | os.PathLike | None, out: str | os.PathLike, cfg: SweepConfig | None = None, *,
+          resume: bool = False) -> dict:
+    """Run (or resume) the sweep over dataset ``data`` (None: the config's ``data``) into
+    ``out``; returns the report dict. Needs Ray."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    cfg = cfg or SweepConfig()
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=os.fspath(data))
     out = Path(out).resolve()
     if not cfg.data:
         raise ConfigError("data", "no dataset given (--data or data: in the config)")
@@ -180,7 +203,7 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike, resume: bool = False) ->
         tune.with_parameters(quantizer_trial, sample_ref=ref, base=to_dict(cfg.base),
                              hitrate_topk=cfg.hitrate_topk),
         {"cpu": cfg.cpus_per_trial})
-    scheduler = (ASHAScheduler(time_attr="epoch", metric="recon_mse", mode="min",
+    scheduler = (ASHAScheduler(time_attr="epoch", metric="raw_recon_mse", mode="min",
                                max_t=max(cfg.base.epochs, 1), grace_period=cfg.grace_period,
                                reduction_factor=cfg.reduction_factor)
                  if cfg.scheduler == "asha" else FIFOScheduler())
@@ -202,7 +225,7 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike, resume: bool = False) ->
             params = json.loads((Path(r.path) / "params.json").read_text())  # errored trials
         name = Path(r.path).name if r.path else f"trial_{i}"
         rows.append(trial_row(name, {**to_dict(cfg.base), **(params or {})}, r.metrics, r.error,
-                              r.checkpoint.path if r.checkpoint else None))
+                              r.checkpoint.path if r.checkpoint else None, cfg.trial_metrics))
     if any(r["status"] == "unfinished" for r in rows):
         # Ctrl+C: Tune saved its state and returned early (trials not yet generated are not
         # even in the grid); a report now would be partial.
@@ -212,17 +235,15 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike, resume: bool = False) ->
     return write_report(rows, cfg, out)
 
 
-TRIAL_METRICS = ("epoch", *SID_METRICS, "final_unique_sid_ratio", "moved", "fallback")
-
-
 def trial_row(name: str, params: dict, metrics: dict | None, error: BaseException | None,
-              checkpoint: str | None) -> dict:
-    """One results-table row from what Tune kept of a trial (plain values, no Ray).
+              checkpoint: str | None, keys: tuple[str, ...]) -> dict:
+    """One results-table row from what Tune kept of a trial (plain values, no Ray):
+    its ``params`` and the ``keys`` (:attr:`SweepConfig.trial_metrics`) of its last report.
 
     ``status`` is one of: ``ok`` (ran to its end: its last report has the SID metrics,
     marked :data:`COMPLETE`, and its checkpoint the SIDs, kept as ``_sids``);
     ``stopped early`` (the scheduler ended it: the metrics of its last report, e.g.
-    ``epoch`` and ``recon_mse``, the others None); ``failed`` (``error``, no metrics);
+    ``epoch`` and ``raw_recon_mse``, the others None); ``failed`` (``error``, no metrics);
     ``unfinished`` (neither: the sweep was interrupted before Tune ended it).
     """
     row = {"trial": name, **params}
@@ -234,7 +255,7 @@ def trial_row(name: str, params: dict, metrics: dict | None, error: BaseExceptio
     # Tune sets "done" on every trial it ends (finished or stopped by the scheduler).
     status = "ok" if complete else "stopped early" if m.get("done") else "unfinished"
     sids = os.path.join(checkpoint, "sids.npz") if complete and checkpoint else None
-    return {**row, **{k: m.get(k) for k in TRIAL_METRICS}, "status": status, "_sids": sids}
+    return {**row, **{k: m.get(k) for k in keys}, "status": status, "_sids": sids}
 
 
 def gr_candidates(rows: list[dict], cfg: SweepConfig) -> list[dict]:
@@ -304,7 +325,7 @@ def write_report(rows: list[dict], cfg: SweepConfig, out: Path) -> dict:
         report["best"] = {"trial": best["trial"], cfg.select_metric: _plain(best[cfg.select_metric]),
                           "params": params}
     scored = ok[ok[GR_TARGET].notna()] if GR_TARGET in ok else ok.iloc[:0]
-    for metric in SID_METRICS:
+    for metric in cfg.sid_metrics:
         if not len(scored):
             break
         x, y = scored[metric].astype(float).to_numpy(), scored[GR_TARGET].astype(float).to_numpy()
@@ -319,7 +340,7 @@ def write_report(rows: list[dict], cfg: SweepConfig, out: Path) -> dict:
         plt.close(fig)
         report["plots"].append(f"scatter_{metric}.png")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
-    (out / "report.md").write_text(_markdown(report, df))
+    (out / "report.md").write_text(_markdown(report, df, cfg.sid_metrics))
     return report
 
 
@@ -334,7 +355,7 @@ def _cell(v) -> str:
     return str(v)
 
 
-def _markdown(report: dict, df) -> str:
+def _markdown(report: dict, df, sid_metrics: tuple[str, ...]) -> str:
     lines = ["# Sweep report\n", f"{report['trials']} trials: {report['finished']} finished, "
              f"{report['stopped_early']} stopped early by the scheduler (metrics of their last "
              f"epoch), {len(report['failed'])} failed.\n"]
@@ -347,7 +368,7 @@ def _markdown(report: dict, df) -> str:
         lines.append("")
     if report["failed"]:
         lines += ["## Failed trials\n"] + [f"- {f['trial']}: {f['error']}" for f in report["failed"]] + [""]
-    cols = [c for c in ("trial", "status", "quantizer", "codebook_size", "collision", *SID_METRICS,
+    cols = [c for c in ("trial", "status", "quantizer", "codebook_size", "collision", *sid_metrics,
                         GR_TARGET, "pop_recall@10") if c in df]
     lines += ["## Trials\n", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():

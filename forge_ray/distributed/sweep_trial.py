@@ -5,8 +5,9 @@ A trial gets the sweep's shared sample (:class:`Sample`, from the object store) 
 point of the search space (:class:`TrialParams`): it trains a quantizer (RQ-VAE
 epoch by epoch, reporting the quantised reconstruction MSE after each epoch so ASHA
 can stop bad trials early; RQ-KMeans in one go), assigns one SID per item with the
-chosen collision strategy and computes the SID metrics (collision rate, Gini,
-utilisation, reconstruction MSE, Embedding HitRate). :func:`gr_trial` trains a tiny
+chosen collision strategy and computes the SID metrics of the raw codes (``raw_``:
+collision rate, Gini, utilization, reconstruction MSE, Embedding HitRate@K) and the
+final SIDs' unique ratio. :func:`gr_trial` trains a tiny
 T5 GR model on a trial's SIDs and returns Recall/NDCG on the held-out last items.
 
 Memory per trial: the sample (N x D float32 + its pairs and sequences) plus the
@@ -126,7 +127,7 @@ def recon_mse(q, x: np.ndarray) -> float:
 def sid_metrics(q, p: TrialParams, s: Sample, hitrate_topk: int) -> tuple[dict, np.ndarray]:
     """Assign SIDs to the sample and measure them; returns (metrics, final codes)."""
     from forge_ray.core.sid.collisions import CollisionConfig, resolve_all
-    from forge_ray.core.sid.metrics import (SidMetricsConfig, embedding_hitrate, level_counts,
+    from forge_ray.core.sid.metrics import (SidMetricsConfig, embedding_hitrate, hitrate_key, level_counts,
                                             reconstruction_mse, sid_counts, sid_quality)
 
     coll = CollisionConfig(strategy=p.collision, cap=p.cap, candidates=min(50, p.codebook_size),
@@ -146,19 +147,21 @@ def sid_metrics(q, p: TrialParams, s: Sample, hitrate_topk: int) -> tuple[dict, 
     targets = np.asarray([seq[-1] for seq in s.seqs if len(seq) >= 2], np.int64)
     hr = embedding_hitrate(s.item_ids, recon, hist, targets, SidMetricsConfig(topk=hitrate_topk))
     metrics = {
-        "collision_rate": float(raw["collision_rate"]), "gini": float(raw["gini"]),
-        "unique_sid_ratio": float(raw["unique_sid_ratio"]),
-        "max_items_per_sid": int(raw["max_items_per_sid"]),
-        "utilisation": float(np.mean(raw["utilization"])), "final_unique_sid_ratio": float(final_unique),
+        "raw_collision_rate": float(raw["collision_rate"]), "raw_gini": float(raw["gini"]),
+        "raw_unique_sid_ratio": float(raw["unique_sid_ratio"]),
+        "raw_max_items_per_sid": int(raw["max_items_per_sid"]),
+        "raw_utilization": float(np.mean(raw["utilization"])),  # mean over the levels
+        "final_unique_sid_ratio": float(final_unique),
         "moved": int(stats["moved"]), "fallback": int(stats["fallback"]),
-        "recon_mse": reconstruction_mse(s.x, recon), "embedding_hitrate": float(hr["hitrate"]),
+        "raw_recon_mse": reconstruction_mse(s.x, recon),
+        "raw_" + hitrate_key(hitrate_topk): float(hr["hitrate"]),
         "sid_levels": len(sizes)}
     return metrics, final
 
 
 def quantizer_trial(config: dict, sample_ref, base: dict, hitrate_topk: int) -> None:
     """The Tune function trainable: resumes from its last epoch checkpoint, reports
-    ``recon_mse`` every epoch and the SID metrics at the end (marked :data:`COMPLETE`,
+    ``raw_recon_mse`` every epoch and the SID metrics at the end (marked :data:`COMPLETE`,
     with the SIDs saved in the final checkpoint for the GR stage)."""
     import ray
     from ray import tune
@@ -177,7 +180,7 @@ def quantizer_trial(config: dict, sample_ref, base: dict, hitrate_topk: int) -> 
     epochs = p.epochs if p.quantizer == "rqvae" else 1
     for epoch in range(start, epochs):
         train_epoch(q, p, s, epoch)
-        report = {"epoch": epoch + 1, "recon_mse": recon_mse(q, s.x)}
+        report = {"epoch": epoch + 1, "raw_recon_mse": recon_mse(q, s.x)}
         with tempfile.TemporaryDirectory() as d:
             q.save(Path(d) / "quantizer")
             (Path(d) / "epoch.json").write_text(json.dumps({"epoch": epoch}))

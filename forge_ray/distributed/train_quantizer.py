@@ -114,13 +114,14 @@ def _latest_fingerprint(run_dir: Path) -> str | None:
     return json.loads(found[-1].read_text())["fingerprint"] if found else None
 
 
-def train_sid(dataset: str | os.PathLike, out: str | os.PathLike, cfg: TrainSidConfig, *,
+def train_sid(dataset: str | os.PathLike, out: str | os.PathLike, cfg: TrainSidConfig | None = None, *,
               overwrite: bool = False, resume: bool = False) -> dict:
     """Train the configured quantizer on ``dataset``'s items and write MODEL_DIR ``out``
     (quantizer files, metrics.json, curves.png, manifest.json). Needs a Ray
     connection for the distributed paths. Returns the manifest."""
     from forge_ray.distributed import sid_outputs
 
+    cfg = cfg or TrainSidConfig()
     manifest = check_dataset(dataset, cfg)
     check_output(out, overwrite, kind=QUANTIZER_KIND, inputs=(dataset,))  # before training
     storage, name = run_location(out, cfg)
@@ -140,7 +141,7 @@ def train_sid(dataset: str | os.PathLike, out: str | os.PathLike, cfg: TrainSidC
             dataset_counts=manifest["counts"], embedding_dim=manifest["embedding_dim"],
             sizes=cfg.sizes, config=to_dict(cfg), steps=info.get("steps"),
             run_dir=info.get("run_dir"), tensorboard=info.get("tensorboard"),
-            utilisation=[metrics[f"utilisation_l{i}"] for i in range(len(cfg.sizes))])
+            utilization=[metrics[f"utilization_l{i}"] for i in range(len(cfg.sizes))])
 
 
 def _fit_rq_kmeans(dataset, manifest: dict, cfg: TrainSidConfig):

@@ -26,7 +26,7 @@ from tests.ray.test_assign import tiny  # noqa: F401  (a fixture: {items} + {qua
 pytestmark = pytest.mark.ray
 
 BAD = REPO / "tests" / "assets" / "bad"
-TINY = REPO / "configs" / "tiny"
+TINY = REPO / "configs" / "ci"  # CI-sized stage configs
 GR_ALGR = [f"--config={TINY / 'train_gr.yaml'}", "train.valid_beams=0",
            "train.early_stop_metric=valid_loss", "data.algr_sizes=[4,4,4]"]
 
@@ -37,7 +37,7 @@ ROLES: dict[str, list[str]] = {
     "ingest.src2": ["ingest", "{npz}", "{file}", "--out", "{out}", "progress=false"],
     "ingest.config": ["ingest", "{npz}", "--config", "{file}", "--out", "{out}"],
     "ingest.out": ["ingest", "{npz}", "--out", "{file}", "progress=false"],
-    "train-sid.config": ["train-sid", "{items}", "--config", "{file}", "--out", "{out}"],
+    "train-sid.config": ["train-sid", "--data", "{items}", "--config", "{file}", "--out", "{out}"],
     "assign.config": ["assign", "--model", "{quantizer}", "--data", "{items}", "--config", "{file}",
                       "--out", "{out}"],
     "assign.model": ["assign", "--model", "{file}", "--data", "{items}", "--out", "{out}"],

@@ -22,7 +22,7 @@ def forge_ray(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(600)
 def test_synth_then_ingest(tmp_path):
     raw = tmp_path / "raw"
-    r = forge_ray("synth", str(raw), "--items", "3000", "--dim", "16", "--users", "200",
+    r = forge_ray("synth", "--out", str(raw), "--items", "3000", "--dim", "16", "--users", "200",
                   "--no-progress")
     assert r.returncode == 0, r.stderr
     srcs = [str(raw / "contrastive_data_mask.npz"), str(raw / "reconstruct_data_mask.npz"),

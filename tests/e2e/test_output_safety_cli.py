@@ -35,7 +35,7 @@ def test_sid_metrics_output_may_not_be_its_input(ray_cluster, tmp_path, capsys):
     before = _tree(tmp_path)
     for out in (sids, sids / "metrics"):
         capsys.readouterr()
-        assert main(["sid-metrics", str(sids), "--out", str(out), "--overwrite",
+        assert main(["sid-metrics", "--sids", str(sids), "--out", str(out), "--overwrite",
                      "--address", ray_cluster.address]) == 2
         assert "the input" in _one_error_line(capsys, str(out))
         assert _tree(tmp_path) == before

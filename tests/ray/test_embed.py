@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from forge_ray.data.schema import PAIRS_SCHEMA, ShardWriter, embeddings_to_numpy, items_schema
-from forge_ray.distributed.embed import DEFAULT_MODEL, embed, resolve_model
+from forge_ray.distributed.embed import DEFAULT_MODEL, EmbedConfig, embed, resolve_model
 from forge_ray.errors import InputError
 from forge_ray.io import read_manifest, write_manifest
 
@@ -33,7 +33,7 @@ def text_dataset(folder):
 
 def test_embed_with_packaged_minilm(ray_cluster, tmp_path):
     src = text_dataset(tmp_path / "ds")
-    manifest = embed(src, tmp_path / "emb", batch_size=2, actors=1)
+    manifest = embed(src, tmp_path / "emb", EmbedConfig(batch_size=2, actors=1))
     assert manifest["counts"]["items"] == len(TEXTS)
     assert (manifest["embedding_dim"], manifest["embedding_dtype"]) == (384, "float32")
     assert manifest["embedding_model"] == DEFAULT_MODEL
@@ -55,11 +55,11 @@ def test_embed_with_packaged_minilm(ray_cluster, tmp_path):
 
 def test_embed_in_place_and_refusals(ray_cluster, tmp_path):
     src = text_dataset(tmp_path / "ds")
-    embed(src, batch_size=4)
+    embed(src, None, EmbedConfig(batch_size=4))
     assert read_manifest(src, "dataset")["embedding_dim"] == 384
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # replaced atomically
     with pytest.raises(InputError, match="neither a model folder nor an installed"):
-        embed(src, tmp_path / "x", model="no-such-model-package")
+        embed(src, tmp_path / "x", EmbedConfig(model="no-such-model-package"))
     no_text = tmp_path / "notext"
     schema = items_schema(4)
     with ShardWriter(no_text / "items", schema) as w:

@@ -34,7 +34,7 @@ def saved_model(folder, sizes=SIZES):
 def eval_config(*overrides):
     from forge_ray.distributed.evaluate import EvalGRConfig
 
-    return load_config(EvalGRConfig, "configs/tiny/eval_gr.yaml", list(overrides))
+    return load_config(EvalGRConfig, "configs/ci/eval_gr.yaml", list(overrides))
 
 
 def test_parallel_eval_equals_single_process(ray_cluster, tmp_path):

@@ -116,7 +116,7 @@ def test_synth_job_runs_and_writes_output(job_server, tmp_path):
 
     client, _ = job_server
     out = tmp_path / "synth"
-    job_id = _submit(client, f"python -m jobs.synth {out} --items 1000 --dim 8 --users 20 --seed 3 --no-progress")
+    job_id = _submit(client, f"python -m jobs.synth --out {out} --items 1000 --dim 8 --users 20 --seed 3 --no-progress")
     assert _wait(client, job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)
     assert "wrote" in client.get_job_logs(job_id)
     assert (out / "manifest.json").is_file()
@@ -126,7 +126,7 @@ def test_failing_job_reports_the_one_line_error(job_server, tmp_path):
     from ray.job_submission import JobStatus
 
     client, _ = job_server
-    job_id = _submit(client, f"python -m jobs.synth {tmp_path / 'x'} --items 10 --dim 8 --users 2")
+    job_id = _submit(client, f"python -m jobs.synth --out {tmp_path / 'x'} --items 10 --dim 8 --users 2")
     assert _wait(client, job_id) == JobStatus.FAILED
     logs = client.get_job_logs(job_id)
     assert "forge-ray synth: error: command line: SynthConfig: items must be >=" in logs

@@ -34,13 +34,13 @@ def test_interrupted_pipeline_resumes_without_recomputing(ray_cluster, tmp_path)
             raise Stop
 
     with pytest.raises(Stop):
-        run_pipeline(_config(), run, after_stage=stop_after_ingest)
+        run_pipeline(run, _config(), after_stage=stop_after_ingest)
     state = json.loads((run / "state.json").read_text())
     assert state["ingest"]["status"] == "done" and "train_sid" not in state
     assert not (run / "train_sid").exists()
     ingest_mtime = os.stat(run / "ingest" / "manifest.json").st_mtime_ns
 
-    results = run_pipeline(_config(), run)  # continues with train_sid only
+    results = run_pipeline(run, _config())  # continues with train_sid only
     assert [(r.stage, r.status) for r in results] == [
         ("synth", "skipped"), ("ingest", "skipped"), ("embed", "not needed"), ("train_sid", "ran")]
     assert os.stat(run / "ingest" / "manifest.json").st_mtime_ns == ingest_mtime
@@ -51,7 +51,7 @@ def test_interrupted_pipeline_resumes_without_recomputing(ray_cluster, tmp_path)
     assert "train_sid" in table and "skipped" in table
 
     # a changed train_sid config re-runs train_sid only
-    results = run_pipeline(_config("train_sid.rq_kmeans.sizes=[4,8]"), run)
+    results = run_pipeline(run, _config("train_sid.rq_kmeans.sizes=[4,8]"))
     assert [r.status for r in results] == ["skipped", "skipped", "not needed", "ran"]
     assert os.stat(run / "ingest" / "manifest.json").st_mtime_ns == ingest_mtime
     assert os.stat(run / "train_sid" / "manifest.json").st_mtime_ns != sid_mtime
@@ -69,7 +69,7 @@ def test_bad_pipeline_config_refused_before_running(tmp_path):
 def test_whole_tiny_pipeline(ray_cluster, tmp_path):
     """Every stage of the demo config (minutes on 2 cores): all run, then all skip."""
     cfg = load_config(PipelineConfig, "configs/tiny/pipeline.yaml")
-    results = run_pipeline(cfg, tmp_path / "run")
+    results = run_pipeline(tmp_path / "run", cfg)
     assert [r.status for r in results] == ["ran", "ran", "not needed", "ran", "ran", "ran", "ran", "ran"]
     ev = json.loads((tmp_path / "run" / "eval_gr" / "metrics.json").read_text())
     assert ev["num_queries"] == 800 and ev["invalid_rate"] == 0.0
@@ -77,5 +77,5 @@ def test_whole_tiny_pipeline(ray_cluster, tmp_path):
     # 0.189 vs 0.074 Recall@10)
     for key in ("recall@10", "ndcg@10"):
         assert ev[key] > 2 * ev["popularity"][key], (key, ev[key], ev["popularity"][key])
-    again = run_pipeline(cfg, tmp_path / "run")
+    again = run_pipeline(tmp_path / "run", cfg)
     assert {r.status for r in again} == {"skipped", "not needed"}

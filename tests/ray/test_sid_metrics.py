@@ -35,26 +35,26 @@ def sids(ray_cluster, tiny, tmp_path_factory):  # noqa: F811
 def test_metrics_match_core(ray_cluster, tiny, sids, tmp_path):  # noqa: F811
     data, model, x, ids = tiny
     cfg = load_config(SidMetricsStageConfig, None, ["hitrate.topk=5", "pool.batch_size=64"])
-    m = sid_metrics(sids, tmp_path / "m", data, cfg)
+    m = sid_metrics(sids, data, tmp_path / "m", cfg)
     assert json.loads((tmp_path / "m/metrics.json").read_text())["gini"] == m["gini"]
     for png in ("sid_distribution.png", "sid_distribution_raw.png", "code_usage.png"):
         assert (tmp_path / "m" / png).stat().st_size > 1000
     got_ids, codes, sid = read_out(sids, 3, 3)
     raw = sid_quality(sid_counts(codes), level_counts(codes, [8, 8, 8]))
     final = sid_quality(sid_counts(sid), level_counts(sid, [8, 8, 8]))
-    assert m["collision_rate"] == pytest.approx(raw["collision_rate"]) and raw["collision_rate"] > 0
+    assert m["raw_collision_rate"] == pytest.approx(raw["collision_rate"]) and raw["collision_rate"] > 0
     for k in ("unique_sid_ratio", "max_items_per_sid", "gini", "utilization", "perplexity"):
         assert m[k] == pytest.approx(final[k]), k
         assert m["raw"][k] == pytest.approx(raw[k]), k
     q = load_quantizer(model)
     order = np.argsort(ids)
     assert m["reconstruction_mse"] == pytest.approx(reconstruction_mse(x[order], q.decode(sid)), rel=1e-5)
-    assert m["reconstruction_mse_raw"] == pytest.approx(reconstruction_mse(x[order], q.decode(codes)), rel=1e-5)
+    assert m["raw_reconstruction_mse"] == pytest.approx(reconstruction_mse(x[order], q.decode(codes)), rel=1e-5)
     seqs = pq.read_table(data / "sequences").to_pydict()
     hist = [s[:-1] for s in seqs["item_ids"]]
     want = embedding_hitrate(got_ids, q.decode(sid), hist, np.array([s[-1] for s in seqs["item_ids"]]),
                              SidMetricsConfig(topk=5))
-    got = m["embedding_hitrate"]
+    got = m["embedding_hitrate@5"]
     for k in ("hitrate", "hits", "sessions", "skipped_no_history", "skipped_unknown_target", "gallery"):
         assert got[k] == pytest.approx(want[k]), k
     assert want["sessions"] > 0
@@ -67,5 +67,5 @@ def test_items_without_sid_is_an_error(ray_cluster, tiny, sids, tmp_path):  # no
     data, _, x, ids = tiny
     bigger = make_dataset(tmp_path / "bigger", n_items=310, users=3, unknown_ref=None)
     with pytest.raises(InputError, match="items of .* have no SID"):
-        sid_metrics(sids, tmp_path / "m", bigger)
+        sid_metrics(sids, bigger, tmp_path / "m")
     assert not (tmp_path / "m").exists()

@@ -14,7 +14,7 @@ import pytest
 
 from forge_ray.config import load_config
 from forge_ray.data import synth
-from forge_ray.distributed.sweep import SweepConfig, run_sweep
+from forge_ray.distributed.sweep import SweepConfig, sweep
 from forge_ray.errors import ConfigError, InputError
 
 pytestmark = pytest.mark.ray
@@ -52,16 +52,17 @@ def test_sweep_reports_correlations_and_records_failures(dataset, tmp_path):
         "space={quantizer: {grid: [rq_kmeans, rqvae]}, codebook_size: {grid: [4, 8, 5000]}}",
         "grace_period=2", "gr.top_k=4", "gr.steps=20"])
     out = tmp_path / "sweep"
-    report = run_sweep(cfg, out)
+    report = sweep(None, out, cfg)
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 6 and report["trials"] == 6
     failed = df[df["status"] == "failed"]
     assert sorted(failed["codebook_size"]) == [5000, 5000]  # more codes than the 800 items
     assert len(report["failed"]) == 2 and report["finished"] == 4
     ok = df[df["status"] == "ok"]
-    assert ok["embedding_hitrate"].between(0, 1).all() and ok["gini"].between(0, 1).all()
+    assert ok["raw_embedding_hitrate@10"].between(0, 1).all() and ok["raw_gini"].between(0, 1).all()
     assert ok["gr_recall@10"].notna().all() and ok["pop_recall@10"].notna().all()
-    assert set(report["spearman"]) >= {"gini", "embedding_hitrate", "collision_rate", "utilisation"}
+    assert set(report["spearman"]) >= {"raw_gini", "raw_embedding_hitrate@10", "raw_collision_rate",
+                                       "raw_utilization"}
     assert all((out / p).is_file() for p in report["plots"]) and len(report["plots"]) >= 4
     assert pd.read_parquet(out / "results.parquet").shape[0] == 6
     assert "Spearman" in (out / "report.md").read_text()
@@ -69,8 +70,8 @@ def test_sweep_reports_correlations_and_records_failures(dataset, tmp_path):
     assert best.base.codebook_size in (4, 8)
 
     with pytest.raises(InputError, match="--resume"):
-        run_sweep(cfg, out)
-    again = run_sweep(cfg, out, resume=True)  # everything finished: nothing re-runs
+        sweep(None, out, cfg)
+    again = sweep(None, out, cfg, resume=True)  # everything finished: nothing re-runs
     assert again["finished"] == 4 and len(again["failed"]) == 2
     assert json.loads((out / "report.json").read_text())["trials"] == 6
 
@@ -111,14 +112,14 @@ def test_sweep_killed_midway_resumes_without_rerunning_ended_trials(dataset, ray
     assert not (out / "report.json").exists()
 
     cfg = load_config(SweepConfig, TINY, overrides)
-    report = run_sweep(cfg, out, resume=True)
+    report = sweep(None, out, cfg, resume=True)
     for name, (results, files) in before.items():  # not rerun: nothing appended or re-checkpointed
         assert (exp / name / "result.json").read_bytes() == results, name
         assert sorted(p.name for p in (exp / name).iterdir()) == files, name
     df = pd.read_csv(out / "results.csv").set_index("codebook_size")
     assert report["trials"] == 3 and report["failed"] == []
-    assert df.loc[2, "status"] == "stopped early" and df.loc[2, "epoch"] == 1 and df.loc[2, "recon_mse"] > 0
-    assert df.loc[2, ["embedding_hitrate", "gini", "gr_recall@10"]].isna().all()
+    assert df.loc[2, "status"] == "stopped early" and df.loc[2, "epoch"] == 1 and df.loc[2, "raw_recon_mse"] > 0
+    assert df.loc[2, ["raw_embedding_hitrate@10", "raw_gini", "gr_recall@10"]].isna().all()
     assert (df.loc[[16, 8], "status"] == "ok").all() and df.loc[[16, 8], "gr_recall@10"].notna().all()
     assert report["finished"] == 2 and report["stopped_early"] == 1
     assert report["best"]["trial"] in set(df.loc[[16, 8], "trial"])

@@ -63,7 +63,7 @@ def build_gr_data(folder, n_items=48, n_users=40, seed=0):
 def tiny_config(*overrides):
     from forge_ray.distributed.train_gr import TrainGRConfig
 
-    return load_config(TrainGRConfig, "configs/tiny/train_gr.yaml", list(overrides))
+    return load_config(TrainGRConfig, "configs/ci/train_gr.yaml", list(overrides))
 
 
 def test_two_worker_deepspeed_training_then_resume(ray_cluster, tmp_path):
@@ -211,7 +211,7 @@ def test_interrupted_cli_run_says_where_and_resumes_from_the_newest_checkpoint(r
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     with open(tmp_path / "stderr", "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "forge_ray", "train-gr", "--config", "configs/tiny/train_gr.yaml",
+            [sys.executable, "-m", "forge_ray", "train-gr", "--config", "configs/ci/train_gr.yaml",
              "--data", str(ds), "--sids", str(sids), "--out", str(tmp_path / "m"), *overrides],
             stdout=subprocess.DEVNULL, stderr=err, env=env)
         stop, found = threading.Event(), set()

@@ -22,7 +22,7 @@ from forge_ray.io import read_manifest, write_manifest
 
 pytestmark = pytest.mark.ray
 
-TINY = "configs/tiny/train_sid.yaml"
+TINY = "configs/ci/train_sid.yaml"
 N, DIM = 1024, 16
 
 
@@ -85,7 +85,7 @@ def test_rqvae_deepspeed_survives_a_killed_worker(ray_cluster, data, tmp_path, m
     # (No loss-curve check here: 12 steps on random batches are too noisy to compare the
     # ends of; this test is about surviving the kill. Learning is tested in the core.)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["items"] == N and all(0 < metrics[f"utilisation_l{i}"] <= 1 for i in range(3))
+    assert metrics["items"] == N and all(0 < metrics[f"utilization_l{i}"] <= 1 for i in range(3))
     q = load_quantizer(out)
     codes = q.encode(x[:100])
     assert codes.shape == (100, 3) and codes.max() < 16
@@ -150,4 +150,4 @@ def test_rq_kmeans_distributed_matches_in_process(ray_cluster, data, tmp_path):
     q = load_quantizer(tmp_path / "km")
     assert q.config.balanced and manifest["quantizer"] == "rq_kmeans_balanced"
     metrics = json.loads((tmp_path / "km" / "metrics.json").read_text())
-    assert metrics["distributed"] and metrics["utilisation_l0"] == 1.0
+    assert metrics["distributed"] and metrics["utilization_l0"] == 1.0

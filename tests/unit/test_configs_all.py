@@ -15,6 +15,7 @@ CONFIGS = sorted(REPO.glob("configs/**/*.yaml"))
 
 # file stem (or folder for sweeps) -> (module, config class, command in the first line)
 STAGES = {
+    "synth": ("forge_ray.data.synth", "SynthConfig", "forge-ray synth"),
     "ingest": ("forge_ray.distributed.ingest", "IngestConfig", "forge-ray ingest"),
     "embed": ("forge_ray.distributed.embed", "EmbedConfig", "forge-ray embed"),
     "train_sid": ("forge_ray.distributed.train_quantizer", "TrainSidConfig", "forge-ray train-sid"),
@@ -63,6 +64,22 @@ def test_pipeline_sections_are_the_stage_files(config_set, monkeypatch):
     for stage in ("train_sid", "assign", "train_gr", "eval_gr"):
         _, section = pipeline.section(stage)
         assert section == load_config(stage_class(stage), f"configs/{config_set}/{stage}.yaml")
+
+
+def test_tiny_pipeline_is_its_stage_files(monkeypatch):
+    """The demo's stage YAMLs are exactly what the demo runs: each section of the tiny
+    pipeline is ``config: configs/tiny/STAGE.yaml`` (plus the stage's inputs), nothing else."""
+    from forge_ray.distributed.pipeline import INPUT_KEYS, STAGES, PipelineConfig, stage_class
+
+    monkeypatch.chdir(REPO)
+    pipeline = load_config(PipelineConfig, "configs/tiny/pipeline.yaml")
+    ran = [s for s in STAGES if s != "embed"]  # the synthetic items come with embeddings
+    for stage in ran:
+        raw = getattr(pipeline, stage)
+        assert raw["config"] == f"configs/tiny/{stage}.yaml", stage
+        assert set(raw) <= {"config", *INPUT_KEYS.get(stage, ())}, (stage, sorted(raw))
+        _, section = pipeline.section(stage)
+        assert section == load_config(stage_class(stage), f"configs/tiny/{stage}.yaml"), stage
 
 
 def test_pipeline_section_overrides_its_stage_file(tmp_path, monkeypatch):

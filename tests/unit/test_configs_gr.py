@@ -44,13 +44,13 @@ def test_bad_train_values(override, message):
     from forge_ray.distributed.train_gr import TrainGRConfig
 
     with pytest.raises(ConfigError, match=message):
-        load_config(TrainGRConfig, REPO / "configs/tiny/train_gr.yaml", [override])
+        load_config(TrainGRConfig, REPO / "configs/ci/train_gr.yaml", [override])
 
 
 def test_bad_eval_values():
     from forge_ray.distributed.evaluate import EvalGRConfig
 
     with pytest.raises(ConfigError, match="cpus_per_actor"):
-        load_config(EvalGRConfig, REPO / "configs/tiny/eval_gr.yaml", ["cpus_per_actor=0"])
+        load_config(EvalGRConfig, REPO / "configs/ci/eval_gr.yaml", ["cpus_per_actor=0"])
     with pytest.raises(ConfigError, match="unknown config key"):
-        load_config(EvalGRConfig, REPO / "configs/tiny/eval_gr.yaml", ["beams=3"])
+        load_config(EvalGRConfig, REPO / "configs/ci/eval_gr.yaml", ["beams=3"])

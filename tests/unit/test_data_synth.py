@@ -130,8 +130,7 @@ def test_config_validation():
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "s"
-    # KEY=VALUE overrides follow OUT directly (argparse ends positionals at the first flag)
-    args = ["synth", str(out), "branching=[4,4]", "level_scales=[1.0,0.5]", "--items", "500",
+    args = ["synth", "--out", str(out), "branching=[4,4]", "level_scales=[1.0,0.5]", "--items", "500",
             "--dim", "8", "--users", "20", "--seed", "1", "--no-progress"]
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -148,7 +147,7 @@ def test_cli(tmp_path, capsys):
 ])
 def test_cli_refuses_what_cannot_fit_before_writing(tmp_path, capsys, flag, value, problem):
     out = tmp_path / "s"
-    args = ["synth", str(out), "branching=[4,4]", "level_scales=[1.0,0.5]", "--items", "500",
+    args = ["synth", "--out", str(out), "branching=[4,4]", "level_scales=[1.0,0.5]", "--items", "500",
             "--dim", "8", "--users", "20", "--no-progress", flag, str(value)]
     assert main(args) == 2
     captured = capsys.readouterr()

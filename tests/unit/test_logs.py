@@ -28,7 +28,7 @@ def test_every_subcommand_takes_v_and_q(name):
 
 def test_v_and_q_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
-        command_parser("synth").parse_intermixed_args(["out", "-v", "-q"])
+        command_parser("synth").parse_intermixed_args(["--out", "out", "-v", "-q"])
     assert "not allowed with" in capsys.readouterr().err
 
 

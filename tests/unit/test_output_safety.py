@@ -49,18 +49,18 @@ def _one_error_line(capsys, name: str) -> str:
 def test_synth_overwrite_refuses_a_users_folder(tmp_path, capsys):
     user = _user_folder(tmp_path / "user")
     before = _tree(tmp_path)
-    assert main(["synth", str(user), *SYNTH, "--overwrite"]) == 2
+    assert main(["synth", "--out", str(user), *SYNTH, "--overwrite"]) == 2
     line = _one_error_line(capsys, str(user))
     assert "replaces only a previous 'synthetic' output" in line
     assert _tree(tmp_path) == before
     # a previous synth output is replaced; another stage's output is not
-    assert main(["synth", str(tmp_path / "s"), *SYNTH]) == 0
-    assert main(["synth", str(tmp_path / "s"), *SYNTH, "--seed", "3", "--overwrite"]) == 0
+    assert main(["synth", "--out", str(tmp_path / "s"), *SYNTH]) == 0
+    assert main(["synth", "--out", str(tmp_path / "s"), *SYNTH, "--seed", "3", "--overwrite"]) == 0
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["config"]["seed"] == 3
     write_manifest(user, "dataset")
     before = _tree(tmp_path)
     capsys.readouterr()
-    assert main(["synth", str(user), *SYNTH, "--overwrite"]) == 2
+    assert main(["synth", "--out", str(user), *SYNTH, "--overwrite"]) == 2
     assert "holds a 'dataset' output" in _one_error_line(capsys, str(user))
     assert _tree(tmp_path) == before
 

@@ -10,8 +10,12 @@ import pandas as pd
 import pytest
 
 from forge_ray.config import load_config
-from forge_ray.distributed.sweep import GR_TARGET, SID_METRICS, SweepConfig, gr_candidates, trial_row, write_report
+from forge_ray.distributed.sweep import GR_TARGET, SweepConfig, gr_candidates, sid_metric_names, trial_row, write_report
 from forge_ray.distributed.sweep_trial import COMPLETE, TrialParams
+
+SID_METRICS = sid_metric_names(10)  # configs/sweep/tiny.yaml's hitrate_topk
+HR = "raw_embedding_hitrate@10"
+KEYS = SweepConfig().trial_metrics
 
 
 def _rows(n: int, failed: int = 0) -> list[dict]:
@@ -41,50 +45,50 @@ def test_report_with_and_without_failed_trials(tmp_path, failed):
 
 def _complete(hitrate: float) -> dict:
     """What Tune keeps of a trial that ran to its end: the last report + Tune's ``done``."""
-    return {"epoch": 3, **{m: 0.5 for m in SID_METRICS}, "embedding_hitrate": hitrate,
+    return {"epoch": 3, **{m: 0.5 for m in SID_METRICS}, HR: hitrate,
             "final_unique_sid_ratio": 1.0, "moved": 0, "fallback": 0, COMPLETE: True, "done": True,
             "training_iteration": 3}
 
 
 PARAMS = dataclasses.asdict(TrialParams())
 # An ASHA-stopped trial: its last per-epoch report, which Tune marks done.
-STOPPED = {"epoch": 2, "recon_mse": 0.4, "done": True, "training_iteration": 2}
+STOPPED = {"epoch": 2, "raw_recon_mse": 0.4, "done": True, "training_iteration": 2}
 
 
 def test_trial_rows_by_status():
-    ok = trial_row("t0", PARAMS, _complete(0.3), None, "/ck/t0")
-    stopped = trial_row("t1", PARAMS, STOPPED, None, "/ck/t1")
-    failed = trial_row("t2", PARAMS, None, RuntimeError("Traceback ...\nValueError: 5000 codes > 800 items"), None)
-    unfinished = trial_row("t3", PARAMS, {"epoch": 1, "recon_mse": 0.6, "done": False}, None, "/ck/t3")
+    ok = trial_row("t0", PARAMS, _complete(0.3), None, "/ck/t0", KEYS)
+    stopped = trial_row("t1", PARAMS, STOPPED, None, "/ck/t1", KEYS)
+    failed = trial_row("t2", PARAMS, None, RuntimeError("Traceback ...\nValueError: 5000 codes > 800 items"), None, KEYS)
+    unfinished = trial_row("t3", PARAMS, {"epoch": 1, "raw_recon_mse": 0.6, "done": False}, None, "/ck/t3", KEYS)
     assert [r["status"] for r in (ok, stopped, failed, unfinished)] == ["ok", "stopped early", "failed", "unfinished"]
-    assert ok["_sids"] == "/ck/t0/sids.npz" and ok["embedding_hitrate"] == 0.3
+    assert ok["_sids"] == "/ck/t0/sids.npz" and ok[HR] == 0.3
     # the stopped trial keeps the metrics it reached and nothing it did not
-    assert stopped["_sids"] is None and stopped["epoch"] == 2 and stopped["recon_mse"] == 0.4
-    assert stopped["embedding_hitrate"] is None and stopped["gini"] is None
-    assert failed["error"] == "ValueError: 5000 codes > 800 items" and "recon_mse" not in failed
+    assert stopped["_sids"] is None and stopped["epoch"] == 2 and stopped["raw_recon_mse"] == 0.4
+    assert stopped[HR] is None and stopped["raw_gini"] is None
+    assert failed["error"] == "ValueError: 5000 codes > 800 items" and "raw_recon_mse" not in failed
 
 
 @pytest.mark.parametrize("mode, expected", [("max", ["t2", "t0"]), ("min", ["t3", "t0"])])
 def test_gr_ranks_only_finished_trials_with_the_metric(mode, expected):
     cfg = load_config(SweepConfig, "configs/sweep/tiny.yaml", ["gr.top_k=2", f"select_mode={mode}"])
-    rows = [trial_row("t0", PARAMS, _complete(0.3), None, "/ck/t0"),
-            trial_row("t1", PARAMS, _complete(float("nan")), None, "/ck/t1"),
-            trial_row("t2", PARAMS, _complete(0.9), None, "/ck/t2"),
-            trial_row("t3", PARAMS, _complete(0.1), None, "/ck/t3"),
-            trial_row("s0", PARAMS, STOPPED, None, "/ck/s0"),
-            trial_row("f0", PARAMS, None, ValueError("boom"), None)]
+    rows = [trial_row("t0", PARAMS, _complete(0.3), None, "/ck/t0", KEYS),
+            trial_row("t1", PARAMS, _complete(float("nan")), None, "/ck/t1", KEYS),
+            trial_row("t2", PARAMS, _complete(0.9), None, "/ck/t2", KEYS),
+            trial_row("t3", PARAMS, _complete(0.1), None, "/ck/t3", KEYS),
+            trial_row("s0", PARAMS, STOPPED, None, "/ck/s0", KEYS),
+            trial_row("f0", PARAMS, None, ValueError("boom"), None, KEYS)]
     if mode == "min":
-        rows[2]["embedding_hitrate"] = None  # a finished trial that lacks the metric is not ranked
-        rows[0]["embedding_hitrate"] = 0.2
+        rows[2][HR] = None  # a finished trial that lacks the metric is not ranked
+        rows[0][HR] = 0.2
     assert [r["trial"] for r in gr_candidates(rows, cfg)] == expected
     assert gr_candidates(rows, load_config(SweepConfig, "configs/sweep/tiny.yaml", ["gr.top_k=0"])) == []
 
 
 def test_report_and_table_with_stopped_early_and_failed_trials(tmp_path):
     cfg = load_config(SweepConfig, "configs/sweep/tiny.yaml")
-    rows = [trial_row("t0", PARAMS, _complete(0.3), None, "/ck/t0"),
-            trial_row("s0", PARAMS, STOPPED, None, "/ck/s0"),
-            trial_row("f0", PARAMS, None, ValueError("more codes than items"), None)]
+    rows = [trial_row("t0", PARAMS, _complete(0.3), None, "/ck/t0", KEYS),
+            trial_row("s0", PARAMS, STOPPED, None, "/ck/s0", KEYS),
+            trial_row("f0", PARAMS, None, ValueError("more codes than items"), None, KEYS)]
     rows[0].update({GR_TARGET: 0.2, "pop_recall@10": 0.1})
     report = write_report(rows, cfg, tmp_path)
     assert (report["trials"], report["finished"], report["stopped_early"]) == (3, 1, 1)
@@ -92,20 +96,20 @@ def test_report_and_table_with_stopped_early_and_failed_trials(tmp_path):
     assert report["best"]["trial"] == "t0"
     df = pd.read_csv(tmp_path / "results.csv")
     assert list(df["status"]) == ["ok", "stopped early", "failed"]
-    assert df.loc[1, "recon_mse"] == 0.4 and df.loc[1, "epoch"] == 2 and pd.isna(df.loc[1, "embedding_hitrate"])
+    assert df.loc[1, "raw_recon_mse"] == 0.4 and df.loc[1, "epoch"] == 2 and pd.isna(df.loc[1, HR])
     pq = pd.read_parquet(tmp_path / "results.parquet")
-    assert pq["embedding_hitrate"].dtype == float and pq["status"].tolist() == df["status"].tolist()
+    assert pq[HR].dtype == float and pq["status"].tolist() == df["status"].tolist()
     md = (tmp_path / "report.md").read_text()
     assert "1 stopped early" in md and "| s0 | stopped early |" in md and "nan" not in md
 
 
 def test_report_when_every_trial_stopped_early_or_failed(tmp_path):
     cfg = load_config(SweepConfig, "configs/sweep/tiny.yaml")
-    rows = [trial_row("s0", PARAMS, STOPPED, None, "/ck/s0"), trial_row("s1", PARAMS, STOPPED, None, "/ck/s1"),
-            trial_row("f0", PARAMS, None, ValueError("boom"), None)]
+    rows = [trial_row("s0", PARAMS, STOPPED, None, "/ck/s0", KEYS), trial_row("s1", PARAMS, STOPPED, None, "/ck/s1", KEYS),
+            trial_row("f0", PARAMS, None, ValueError("boom"), None, KEYS)]
     report = write_report(rows, cfg, tmp_path)
     assert (report["finished"], report["stopped_early"], len(report["failed"])) == (0, 2, 1)
     assert "best" not in report and report["spearman"] == {} and not (tmp_path / "best_config.yaml").exists()
     # a metric no trial reached is a numeric (all-NaN) column, not the text "None"
-    assert pd.read_parquet(tmp_path / "results.parquet")["embedding_hitrate"].isna().all()
-    assert pd.read_parquet(tmp_path / "results.parquet")["embedding_hitrate"].dtype == float
+    assert pd.read_parquet(tmp_path / "results.parquet")[HR].isna().all()
+    assert pd.read_parquet(tmp_path / "results.parquet")[HR].dtype == float

@@ -11,7 +11,8 @@ by summing :func:`level_counts` over batches) and pass the counts in.
 * ``gini``                  FORGE's Gini of items per SID (0 = even).
 * ``utilization``/``perplexity`` per level, from per-level code counts.
 * ``reconstruction_mse``    mean squared error per element.
-* ``embedding_hitrate``     FORGE's Embedding HitRate (faiss inner-product search).
+* ``embedding_hitrate``     FORGE's Embedding HitRate (faiss inner-product search),
+                            reported as ``hitrate_key(topk)`` (``embedding_hitrate@K``).
 """
 
 from __future__ import annotations
@@ -172,6 +173,11 @@ def ragged(histories) -> tuple[np.ndarray, np.ndarray]:
     flat = (np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
             if lens.sum() else np.zeros(0, dtype=np.int64))
     return flat, np.r_[0, np.cumsum(lens)].astype(np.int64)
+
+
+def hitrate_key(topk: int) -> str:
+    """The metric name of an Embedding HitRate over ``topk`` neighbours: ``embedding_hitrate@K``."""
+    return f"embedding_hitrate@{topk}"
 
 
 def embedding_hitrate(item_ids: np.ndarray, recon: np.ndarray, histories, targets: np.ndarray,

@@ -3,7 +3,7 @@
 * :func:`plot_sid_distribution`: histogram of items per SID next to its Lorenz
   curve (the Gini coefficient is twice the area between it and the diagonal).
 * :func:`plot_code_usage`: per level, the share of items on each code sorted from
-  most to least used, with utilisation and perplexity in the legend.
+  most to least used, with utilization and perplexity in the legend.
 
 Both take counts (see :mod:`forge_ray.core.sid.metrics`), so they work on counts
 gathered by a distributed job.
