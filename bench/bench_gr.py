@@ -91,7 +91,7 @@ def train_bench(args) -> None:
             "train.early_stop_metric=valid_loss", f"scale.num_workers={args.workers}",
             f"train.micro_batch={args.micro_batch}", f"scale.checkpoint_every={args.steps}"])
         ray.init(address="local", num_cpus=4, include_dashboard=False)
-        train_gr(cfg, ds, sids, tmp / "model")
+        train_gr(ds, sids, tmp / "model", cfg)
         ray.shutdown()
         logged = [json.loads(x) for x in (tmp / "model.runs" / "train_gr" / "logs" / "metrics.jsonl")
                   .read_text().splitlines() if "train/tokens_per_s" in x]

@@ -3,7 +3,7 @@
 item text -> MiniLM embeddings (``embed``) -> SID quantizer (``train-sid``) -> SIDs
 (``assign``) -> GR model (``train-gr``) -> Recall/NDCG@5/10 full ranking on the last
 item of each user (``eval-gr``), printed next to TIGER's published numbers
-(FORGE.md). Every stage runs through its ``forge-ray`` entry point in this process
+(FORGE.md) and the most-popular and content-kNN baselines on the same queries. Every stage runs through its ``forge-ray`` entry point in this process
 and joins the same Ray cluster; a finished stage's output is reused, so a stopped job
 continues where it was (train-gr also resumes from its Ray Train checkpoint).
 
@@ -83,9 +83,12 @@ def run(cfg: BeautyJobConfig) -> dict:
     _stage("eval-gr", ["--model", str(model), "--data", str(emb), "--sids", str(sids),
                        "--out", str(evald), *_with_config(cfg, "eval_gr")], evald)
     metrics = json.loads((evald / "metrics.json").read_text())
-    print(f"{'metric':<10} {'forge_ray':>10} {'TIGER':>8} {'popularity':>11}")
+    knn = metrics.get("content_knn", {})
+    print(f"{'metric':<10} {'forge_ray':>10} {'TIGER':>8} {'popularity':>11} {'kNN last':>9} {'kNN mean':>9}")
     for key, ref in TIGER_BEAUTY.items():
-        print(f"{key:<10} {metrics[key]:>10.4f} {ref:>8.4f} {metrics['popularity'][key]:>11.4f}")
+        row = [knn.get(name, {}).get(key, float("nan")) for name in ("last_item", "history_mean")]
+        print(f"{key:<10} {metrics[key]:>10.4f} {ref:>8.4f} {metrics['popularity'][key]:>11.4f} "
+              f"{row[0]:>9.4f} {row[1]:>9.4f}")
     return metrics
 
 

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(TrainGRConfig, args.config, args.overrides)
     with ray_session(args.address):
-        manifest = train_gr(cfg, args.data, args.sids, args.out, overwrite=args.overwrite)
+        manifest = train_gr(args.data, args.sids, args.out, cfg, overwrite=args.overwrite)
     print(f"trained {manifest['arch']} for {manifest['steps']} steps on "
           f"{manifest['counts']['examples']:,} examples; best {manifest['best']} -> {args.out}")
     return 0

@@ -12,10 +12,18 @@ are the queries as given (history SID tokens; ``;``-separated true item ids, sev
 per query allowed), and the SID table supplies the trie that maps generated SIDs to
 items. Such a file holds no training interactions, so no popularity baseline.
 
-The most-popular baseline is scored on the same queries: item counts over each
-user's training part (all but the last two items of the raw sequence) come from a
-distributed ``groupby(item_id).count()`` and a distributed sort; only the top
-``max_k`` rows reach the driver.
+Baselines are scored on the same queries with the same metrics, so a report shows at
+once whether GR earns its cost:
+
+- most-popular: item counts over each user's training part (all but the last two
+  items of the raw sequence) come from a distributed ``groupby(item_id).count()`` and
+  a distributed sort; only the top ``max_k`` rows reach the driver;
+- content kNN (:mod:`forge_ray.core.gr.knn`) on the dataset's item embeddings, the
+  ones the SIDs were quantised from: cosine neighbours of the last history item and of
+  the history's mean, history items excluded. Every actor holds the index (4 x D
+  bytes per item), so it runs only when that fits ``knn_max_mb``.
+
+``--model`` alone is enough: the data and SID table come from the model's manifest.
 
 Cut-offs: an item list holds the items of the ``num_beams`` returned SIDs in beam
 order, so Recall/HR@K for K above that many items counts the missing ranks as
@@ -38,7 +46,7 @@ import ray
 import ray.data
 
 from forge_ray.config import require, to_dict
-from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable
+from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable, prompt_eos
 from forge_ray.core.gr.metrics import RetrievalMetrics
 from forge_ray.core.gr.models import MODEL_KIND
 from forge_ray.core.gr.popularity import PopularityCounter
@@ -51,6 +59,7 @@ from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, check_output, read_manifest, write_manifest
 
 EVAL_KIND = "gr_eval"
+KNN_QUERIES = {"last_item": "last", "history_mean": "mean"}  # report name -> ContentKNN query
 
 
 @dataclass
@@ -61,6 +70,8 @@ class EvalGRConfig:
     actors / cpus_per_actor / gpus_per_actor: the decoding pool (keep CPUs fractional:
         1-CPU actors can starve Ray Data's read tasks on small machines).
     max_queries: score only the first N queries (0 = all).
+    popularity / content_knn: score those baselines beside GR (see module doc).
+    knn_max_mb: largest item-embedding matrix (MiB) the kNN baseline loads per actor.
     """
 
     data: gr_data.GRDataConfig = field(default_factory=gr_data.GRDataConfig)
@@ -74,6 +85,8 @@ class EvalGRConfig:
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
     popularity: bool = True
+    content_knn: bool = True
+    knn_max_mb: float = 2048.0
     max_queries: int = 0
 
     def __post_init__(self):
@@ -100,9 +113,12 @@ def _from_state(text: str, cfg: EvalGRConfig) -> RetrievalMetrics:
 class _Decoder:
     """Ray Data actor: the model and trie are loaded once; each batch -> metric sums."""
 
-    def __init__(self, model_dir: str, trie_ref: list, popular: np.ndarray | None, cfg: dict):
+    def __init__(self, model_dir: str, trie_ref: list, popular: np.ndarray | None, knn_ref: list | None,
+                 cfg: dict):
+        import faiss
         import torch
 
+        from forge_ray.core.gr.knn import ContentKNN
         from forge_ray.core.gr.models import load_model
 
         self.cfg = EvalGRConfig(**{**cfg, "data": gr_data.GRDataConfig(**cfg["data"])})
@@ -112,6 +128,8 @@ class _Decoder:
         self.model.eval()
         self.trie = ray.get(trie_ref[0])
         self.popular = popular
+        faiss.omp_set_num_threads(1)  # the actor's CPU share, not every core of the node
+        self.knn = ContentKNN(*ray.get(knn_ref[0])) if knn_ref else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from forge_ray.core.gr.decoding import generate_sids
@@ -127,8 +145,14 @@ class _Decoder:
         pop = self.cfg.accumulator()
         if self.popular is not None:
             pop.update(np.broadcast_to(self.popular, (len(truths), len(self.popular))), truths)
+        knn = {name: self.cfg.accumulator() for name in KNN_QUERIES}
+        if self.knn is not None:
+            histories = [np.asarray(h, dtype=np.int64) for h in batch["history_items"]]
+            for name, acc in knn.items():
+                acc.update(self.knn.rank(histories, acc.max_k, KNN_QUERIES[name]), truths)
         # the actor's pid lets the driver report how many decoders shared the work
-        return pa.table({"gr": [_state(gr)], "pop": [_state(pop)], "actor": [os.getpid()]})
+        return pa.table({"gr": [_state(gr)], "pop": [_state(pop)], "actor": [os.getpid()],
+                         **{f"knn_{name}": [_state(acc)] for name, acc in knn.items()}})
 
 
 def _training_items(batch: pa.Table) -> pa.Table:
@@ -150,6 +174,13 @@ def popular_items(dataset: str | os.PathLike, k: int) -> np.ndarray:
     return counter.top(k)
 
 
+def _prompt_eos(model_dir: str | os.PathLike) -> bool:
+    """Whether the saved model's prompts end with ``</s>`` (encoder-decoders only)."""
+    from transformers import AutoConfig
+
+    return prompt_eos(AutoConfig.from_pretrained(model_dir).is_encoder_decoder)
+
+
 def check_vocab(model_dir: str | os.PathLike, sids: str | os.PathLike) -> SIDVocab:
     """The model's vocabulary, refused unless it matches the SID table's sizes."""
     read_manifest(model_dir, MODEL_KIND)
@@ -161,13 +192,43 @@ def check_vocab(model_dir: str | os.PathLike, sids: str | os.PathLike) -> SIDVoc
     return vocab
 
 
-def evaluate(cfg: EvalGRConfig, model_dir: str | os.PathLike, data: str | os.PathLike,
-             sids: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict:
-    """Score a trained model; writes ``out/metrics.json`` + manifest, returns the metrics."""
+def evaluate(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: EvalGRConfig | None = None, *,
+             data: str | os.PathLike | None = None, sids: str | os.PathLike | None = None,
+             overwrite: bool = False) -> dict:
+    """Score the model in ``model_dir`` on ``data`` (default: the dataset it was trained
+    on) with the SID table ``sids`` (default: its own); writes ``out/metrics.json`` +
+    manifest, returns the metrics."""
+    cfg = cfg or EvalGRConfig()
+    trained = read_manifest(model_dir, MODEL_KIND)
+    data, sids = (_from_manifest(model_dir, trained, "data") if data is None else data,
+                  _from_manifest(model_dir, trained, "sids") if sids is None else sids)
     out = check_output(out, overwrite, kind=EVAL_KIND, inputs=(model_dir, data, sids))
     vocab = check_vocab(model_dir, sids)
     with surface_user_errors():  # a bad row found by a Ray task reads as one line
         return _evaluate(cfg, vocab, model_dir, data, sids, out, overwrite)
+
+
+def _from_manifest(model_dir: str | os.PathLike, manifest: dict, key: str) -> str:
+    """An input the model's manifest records (relative paths are relative to the model)."""
+    if not manifest.get(key):
+        raise InputError(model_dir, f"the model's manifest records no {key!r}; pass --{key}")
+    return os.fspath(Path(model_dir) / manifest[key])
+
+
+def _knn_table(cfg: EvalGRConfig, data) -> tuple[np.ndarray, np.ndarray] | str:
+    """(item ids, embeddings) for the content-kNN baseline, or why it is skipped."""
+    from forge_ray.distributed.sid_outputs import load_embeddings
+
+    if gr_data.is_algr(data):
+        return "an AL-GR test file carries no item embeddings"
+    manifest = read_manifest(data, "dataset")
+    dim, items = manifest.get("embedding_dim") or 0, manifest.get("counts", {}).get("items", 0)
+    if not dim:
+        return "the dataset has no item embeddings"
+    mb = items * dim * 4 / 2**20
+    if mb > cfg.knn_max_mb:
+        return f"{items:,} x {dim}-d embeddings = {mb:,.0f} MiB > knn_max_mb {cfg.knn_max_mb:,.0f}"
+    return load_embeddings(data)
 
 
 def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Path,
@@ -178,13 +239,15 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
     table = ItemSIDTable(item_ids, codes) if not algr and gr_data.use_broadcast(sids, cfg.data) else None
     del item_ids, codes
     if algr:  # queries and their true items come ready-made; no training part to count
-        examples = gr_data.algr_test_examples(data, vocab).select_columns(["input_ids", "target_items"])
+        examples = gr_data.algr_test_examples(data, vocab, add_eos=_prompt_eos(model_dir)
+                                              ).select_columns(["input_ids", "target_items"])
         with gr_data.algr_read_errors(data):
             rows = examples.count()
         counts = ExampleCounts(sequences=rows, examples=rows)
     else:
-        examples = gr_data.sequence_examples(data, sids, vocab, cfg.split, cfg.data, table=table
-                                             ).select_columns(["input_ids", "target_item"])
+        examples = gr_data.sequence_examples(
+            data, sids, vocab, cfg.split, cfg.data, table=table, add_eos=_prompt_eos(model_dir)
+        ).select_columns(["input_ids", "target_item", "history_items"])
         counts = gr_data.count_examples(data, sids, vocab, cfg.split, cfg.data, table=table)
     if counts.examples == 0:
         raise InputError(data, f"no {cfg.split} examples (sequences: {counts.sequences}, "
@@ -193,19 +256,25 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
         examples = examples.limit(cfg.max_queries)
     max_k = cfg.accumulator().max_k
     popular = popular_items(data, max_k) if cfg.popularity and not algr else None
+    knn = _knn_table(cfg, data) if cfg.content_knn else "content_knn is off"
+    knn_ref = None if isinstance(knn, str) else [ray.put(knn)]
     # Streaming re-blocking into batch-sized blocks: a small test set read from one
     # file is a single block, which would leave all actors but one idle.
     examples = examples.repartition(target_num_rows_per_block=cfg.batch_size)
     states = examples.map_batches(
         _Decoder, batch_size=cfg.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model_dir": os.fspath(Path(model_dir).resolve()),
-                               "trie_ref": [ray.put(trie)], "popular": popular, "cfg": to_dict(cfg)},
+                               "trie_ref": [ray.put(trie)], "popular": popular, "knn_ref": knn_ref,
+                               "cfg": to_dict(cfg)},
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
     gr, pop, actors = cfg.accumulator(), cfg.accumulator(), set()
+    knn_acc = {name: cfg.accumulator() for name in KNN_QUERIES}
     for batch in states.iter_batches(batch_format="numpy", batch_size=None):
-        for g, p in zip(batch["gr"], batch["pop"]):
+        for i, (g, p) in enumerate(zip(batch["gr"], batch["pop"])):
             gr, pop = gr.merge(_from_state(g, cfg)), pop.merge(_from_state(p, cfg))
+            for name in KNN_QUERIES:
+                knn_acc[name] = knn_acc[name].merge(_from_state(batch[f"knn_{name}"][i], cfg))
         actors.update(batch["actor"].tolist())
     metrics = {**gr.result(), "invalid_rate": gr.invalid / max(gr.generated, 1),
                "num_queries": gr.queries, "num_beams": cfg.num_beams, "split": cfg.split,
@@ -215,6 +284,11 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
         metrics["popularity"] = {k: v for k, v in pop.result().items() if "@" in k}
     elif cfg.popularity:
         metrics["popularity_skipped"] = "an AL-GR test file holds no training interactions to count"
+    if knn_ref is not None:
+        metrics["content_knn"] = {name: {k: v for k, v in acc.result().items() if "@" in k}
+                                  for name, acc in knn_acc.items()}
+    else:
+        metrics["content_knn_skipped"] = knn
     with atomic_dir(out, overwrite, kind=EVAL_KIND, inputs=(model_dir, data, sids)) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_manifest(tmp, EVAL_KIND, model=os.path.abspath(model_dir), data=os.path.abspath(data),

@@ -39,7 +39,7 @@ import ray.data
 
 from forge_ray.config import require
 from forge_ray.core.gr.algr import COLUMNS as ALGR_COLUMNS, iter_algr, parse_rows
-from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable, Split, build_examples
+from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable, Split, build_examples, build_sequence_examples
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.distributed.dataset import read_sequences
 from forge_ray.distributed.remote_errors import user_error
@@ -47,6 +47,8 @@ from forge_ray.sid_table import SidTable
 
 EXAMPLE_SCHEMA = pa.schema([("user_id", pa.int64()), ("target_item", pa.int64()),
                             ("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64()))])
+# windows also carry their history's item ids (the eval-gr baselines rank from them)
+WINDOW_SCHEMA = EXAMPLE_SCHEMA.append(pa.field("history_items", pa.list_(pa.int64())))
 
 
 @dataclass
@@ -56,6 +58,10 @@ class GRDataConfig:
     max_history: most recent items kept per history (20 Amazon, 100 FORGE); longer
         histories are cut and counted as ``truncated``.
     min_history: shortest training prefix.
+    train_examples: ``windows`` (one example per target: every prefix of the training
+        part, T5 or decoder-only) or ``sequences`` (decoder-only: one example per chunk
+        of up to ``max_history + 1`` items, every item after the first a target; see
+        :mod:`forge_ray.core.gr.data`). Validation and test are windows either way.
     join: ``auto`` | ``broadcast`` | ``hash`` (see module doc).
     broadcast_limit_mb: ``auto`` broadcasts SID tables up to this size.
     batch_rows: sequences per map batch.
@@ -64,6 +70,7 @@ class GRDataConfig:
 
     max_history: int = 20
     min_history: int = 1
+    train_examples: Literal["windows", "sequences"] = "windows"
     join: Literal["auto", "broadcast", "hash"] = "auto"
     broadcast_limit_mb: float = 1024.0
     batch_rows: int = 1024
@@ -72,6 +79,8 @@ class GRDataConfig:
     def __post_init__(self):
         require(self.max_history >= 1, "data.max_history must be >= 1")
         require(1 <= self.min_history <= self.max_history, "data.min_history must be in [1, max_history]")
+        require(self.train_examples in ("windows", "sequences"),
+                f"data.train_examples must be windows or sequences, not {self.train_examples!r}")
         require(self.broadcast_limit_mb >= 0, "data.broadcast_limit_mb must be >= 0")
         require(self.batch_rows >= 1, "data.batch_rows must be >= 1")
         require(len(self.algr_sizes) >= 1 and min(self.algr_sizes) >= 1, "data.algr_sizes must be positive")
@@ -102,9 +111,11 @@ def table_bytes(sids_dir: str | os.PathLike) -> int:
 
 # ---- sequences -> examples --------------------------------------------------------
 def _examples_table(batch: dict[str, np.ndarray], counts_only: bool, table: ItemSIDTable | None,
-                    vocab: SIDVocab, split: Split, max_history: int, min_history: int) -> pa.Table:
+                    vocab: SIDVocab, split: Split, max_history: int, min_history: int,
+                    sequences: bool, add_eos: bool) -> pa.Table:
     """One map batch -> example rows (or one row of counts). Without a broadcast
-    ``table`` the batch carries the joined ``codes`` (flat, -1 = unknown item)."""
+    ``table`` the batch carries the joined ``codes`` (flat, -1 = unknown item).
+    ``sequences``: training chunks instead of windows (``split`` is ``train``)."""
     seqs = list(batch["item_ids"])
     if table is None:  # hash-join path: a table of just this batch's items
         items = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
@@ -113,13 +124,17 @@ def _examples_table(batch: dict[str, np.ndarray], counts_only: bool, table: Item
         known = codes[:, 0] >= 0
         uniq, first = np.unique(items[known], return_index=True)
         table = ItemSIDTable(uniq, codes[known][first])
-    ex, counts = build_examples(batch["user_id"], seqs, table, vocab, split, max_history, min_history)
+    if sequences:
+        ex, counts = build_sequence_examples(batch["user_id"], seqs, table, vocab, max_history, min_history)
+    else:
+        ex, counts = build_examples(batch["user_id"], seqs, table, vocab, split, max_history, min_history,
+                                    add_eos=add_eos)
     if counts_only:
         return pa.table({k: [v] for k, v in counts.__dict__.items()})
-    return pa.table({"user_id": ex["user_id"], "target_item": ex["target_item"],
-                     "input_ids": pa.array(list(ex["input_ids"]), pa.list_(pa.int64())),
-                     "labels": pa.array(list(ex["labels"]), pa.list_(pa.int64()))},
-                    schema=EXAMPLE_SCHEMA)
+    lists = {k: pa.array(list(ex[k]), pa.list_(pa.int64())) for k in ("input_ids", "labels", "history_items")
+             if k in ex}
+    return pa.table({"user_id": ex["user_id"], "target_item": ex["target_item"], **lists},
+                    schema=EXAMPLE_SCHEMA if sequences else WINDOW_SCHEMA)
 
 
 _NO_ITEM = np.iinfo(np.int64).min  # item id of an empty sequence's placeholder row
@@ -194,15 +209,17 @@ def use_broadcast(sids_dir: str | os.PathLike, cfg: GRDataConfig) -> bool:
 
 def sequence_examples(dataset: str | os.PathLike, sids_dir: str | os.PathLike, vocab: SIDVocab,
                       split: Split, cfg: GRDataConfig, counts_only: bool = False,
-                      table: ItemSIDTable | None = None) -> ray.data.Dataset:
+                      table: ItemSIDTable | None = None, add_eos: bool = True) -> ray.data.Dataset:
     """Lazy example rows of ``split`` (or one counts row per batch with ``counts_only``).
 
     ``table``: an already loaded broadcast table (callers building several splits
     load it once); otherwise loaded here when the join is a broadcast.
+    ``add_eos``: prompts end with ``</s>`` (:func:`forge_ray.core.gr.data.prompt_eos`).
     """
     seqs = read_sequences(dataset, columns=["user_id", "item_ids"])
     kw = dict(counts_only=counts_only, vocab=vocab, split=split,
-              max_history=cfg.max_history, min_history=cfg.min_history)
+              max_history=cfg.max_history, min_history=cfg.min_history, add_eos=add_eos,
+              sequences=split == "train" and cfg.train_examples == "sequences")
     if table is None and use_broadcast(sids_dir, cfg):
         table = ItemSIDTable(*load_sid_arrays(sids_dir))
     if table is None:
@@ -231,22 +248,22 @@ def is_algr(path: str | os.PathLike) -> bool:
 
 
 def algr_examples(path: str | os.PathLike, vocab: SIDVocab, valid_every: int = 0,
-                  part: Literal["train", "valid"] = "train") -> ray.data.Dataset:
+                  part: Literal["train", "valid"] = "train", add_eos: bool = True) -> ray.data.Dataset:
     """An AL-GR training TSV as example rows (``input_ids``, ``labels``).
 
     valid_every: rows whose ``id`` hashes to 0 modulo this go to the ``valid``
         part, the rest to ``train`` (0 = everything is ``train``).
     """
     return _read_algr(path).map_batches(_algr_table, batch_format="pyarrow",
-                                        fn_kwargs={"vocab": vocab, "source": os.fspath(path),
+                                        fn_kwargs={"vocab": vocab, "source": os.fspath(path), "add_eos": add_eos,
                                                    "valid_every": valid_every, "part": part})
 
 
-def algr_test_examples(path: str | os.PathLike, vocab: SIDVocab) -> ray.data.Dataset:
+def algr_test_examples(path: str | os.PathLike, vocab: SIDVocab, add_eos: bool = True) -> ray.data.Dataset:
     """An AL-GR test TSV (answers: ``;``-separated true item ids) as query rows
     (``input_ids``, ``target_items``). Histories are used as the file gives them."""
     return _read_algr(path).map_batches(_algr_test_table, batch_format="pyarrow",
-                                        fn_kwargs={"vocab": vocab, "source": os.fspath(path)})
+                                        fn_kwargs={"vocab": vocab, "source": os.fspath(path), "add_eos": add_eos})
 
 
 @contextlib.contextmanager
@@ -278,15 +295,16 @@ def _read_algr(path: str | os.PathLike) -> ray.data.Dataset:
         convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in ALGR_COLUMNS}))
 
 
-def _algr_test_table(batch: pa.Table, vocab: SIDVocab, source: str) -> pa.Table:
-    ex = parse_rows({c: batch[c].to_pylist() for c in ALGR_COLUMNS}, vocab, "items", source=source)
+def _algr_test_table(batch: pa.Table, vocab: SIDVocab, source: str, add_eos: bool) -> pa.Table:
+    ex = parse_rows({c: batch[c].to_pylist() for c in ALGR_COLUMNS}, vocab, "items", source=source, add_eos=add_eos)
     return pa.table({"input_ids": pa.array(list(ex["input_ids"]), pa.list_(pa.int64())),
                      "target_items": pa.array(list(ex["target_items"]), pa.list_(pa.int64()))})
 
 
-def _algr_table(batch: pa.Table, vocab: SIDVocab, source: str, valid_every: int, part: str) -> pa.Table:
+def _algr_table(batch: pa.Table, vocab: SIDVocab, source: str, valid_every: int, part: str,
+                add_eos: bool) -> pa.Table:
     rows = {c: batch[c].to_pylist() for c in ALGR_COLUMNS}
-    ex = parse_rows(rows, vocab, "sid", source=source)
+    ex = parse_rows(rows, vocab, "sid", source=source, add_eos=add_eos)
     keep = np.ones(len(ex["id"]), dtype=bool)
     if valid_every:  # a stable hash of the row id: the same rows are held out on every run
         in_valid = np.asarray([zlib.crc32(str(i).encode()) % valid_every == 0 for i in ex["id"]])

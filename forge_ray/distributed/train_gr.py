@@ -1,14 +1,19 @@
 """``forge-ray train-gr``: a GR model (T5 / Qwen2) on SID sequences, Ray Train + DeepSpeed.
 
 Driver: builds the streaming example datasets (:mod:`forge_ray.distributed.gr_data`),
-counts them, takes a small validation sample, and runs :func:`_worker` on
+counts them, takes the validation windows, and runs :func:`_worker` on
 ``scale.num_workers`` Ray Train workers (gloo on CPU, NCCL on GPU). Each worker streams
 its shard with ``get_dataset_shard("train")``, trains through DeepSpeed (ZeRO-1/2 JSON
 from ``cluster/deepspeed/``) with linear warm-up + cosine decay, all-reduces the loss
 (a NaN on any rank stops the run with the last good checkpoint kept), and checkpoints
-every ``scale.checkpoint_every`` optimizer steps. Every ``train.eval_every`` steps rank
-0 scores the validation sample (loss, and Recall/NDCG@K with constrained beam search
-when ``train.valid_beams > 0``) and broadcasts the early-stopping decision.
+every ``scale.checkpoint_every`` optimizer steps. Every ``train.eval_every`` steps the
+workers score the validation windows in parallel, each its share (loss, and
+Recall/NDCG@K with constrained beam search when ``train.valid_beams > 0``), and
+all-reduce the sums, so every rank takes the same early-stopping decision.
+
+Training examples are sliding windows (T5 or decoder-only) or, for a decoder-only
+model, whole sequences (``data.train_examples: sequences``): one forward pass then
+trains every target of a user's chunk (:mod:`forge_ray.core.gr.data`).
 
 Checkpoints carry the step, the epoch position, the metric history and the best
 weights so far (rank 0's client state), so a re-run with the same run storage and name
@@ -18,7 +23,8 @@ final checkpoint: the best weights (``save_pretrained``) + SID vocabulary/tokeni
 references the SID table the model was trained on.
 
 Memory: a worker holds its model, optimizer shard and one shuffle buffer of examples;
-rank 0 also holds the validation trie (8 x (L + 1) bytes per item) when beams are on.
+every rank holds the validation windows and, when beams are on, the trie
+(8 x (L + 1) bytes per item).
 ZeRO-3 is not supported (rank 0 validates with the full local weights).
 """
 
@@ -32,17 +38,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from forge_ray import logs
-from forge_ray.config import DebugConfig, ScaleConfig, require, to_dict
-from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable
+from forge_ray.config import ScaleConfig, require, to_dict
+from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable, prompt_eos
 from forge_ray.core.gr.model_card import model_card
 from forge_ray.core.gr.models import MODEL_KIND, GRModelConfig, build_model, count_parameters, save_model
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.core.schedule import warmup_cosine_factor
-from forge_ray.distributed.gr_data import GRDataConfig
+from forge_ray.distributed.gr_data import GRDataConfig, is_algr
 from forge_ray.errors import InputError
 
 # Not print() in a Ray Train worker: Ray Train patches print to log the line, and
@@ -58,10 +65,15 @@ class GROptimConfig:
         micro_batch x grad_accum x num_workers.
     max_steps: optimizer steps cap (0 = ``epochs`` full passes).
     eval_every: optimizer steps between validations (also run at the end).
-    valid_samples / valid_beams: validation examples scored on rank 0; beams = 0
-        scores validation loss only (no trie needed).
+    valid_samples / valid_beams: validation windows (every user's second-to-last
+        item; 0 = all of them), split across the workers; beams = 0 scores the
+        validation loss only (no trie needed).
     early_stop_metric: ``valid_loss`` (lower is better) or a ``recall@K`` / ``ndcg@K``.
     patience: validations without improvement before stopping (0 = never stop early).
+    length_buckets: read this many micro-batches at a time, sort them by length and
+        serve them in random order, so each pads to about its own length (1 = off);
+        worth it when lengths vary, as whole-sequence chunks do (2 to max_history + 1
+        items).
     """
 
     lr: float = 1e-3
@@ -79,6 +91,7 @@ class GROptimConfig:
     patience: int = 5
     log_every: int = 20
     shuffle_buffer: int = 4096
+    length_buckets: int = 1
     seed: int = 0
 
     def __post_init__(self):
@@ -87,7 +100,7 @@ class GROptimConfig:
         require(self.epochs >= 1 and self.max_steps >= 0, "train.epochs must be >= 1, max_steps >= 0")
         require(self.warmup_steps >= 0 and self.eval_every >= 1 and self.log_every >= 1,
                 "train.warmup_steps >= 0, eval_every/log_every >= 1")
-        require(self.valid_samples >= 1 and self.valid_beams >= 0, "train.valid_samples >= 1, valid_beams >= 0")
+        require(self.valid_samples >= 0 and self.valid_beams >= 0, "train.valid_samples >= 0, valid_beams >= 0")
         require(bool(self.valid_ks) and min(self.valid_ks) >= 1, "train.valid_ks must be positive")
         allowed = {"valid_loss"} | {f"{m}@{k}" for m in ("recall", "ndcg") for k in self.valid_ks}
         require(self.early_stop_metric in allowed,
@@ -95,6 +108,7 @@ class GROptimConfig:
         require(self.early_stop_metric == "valid_loss" or self.valid_beams > 0,
                 "train.early_stop_metric needs train.valid_beams > 0 unless it is valid_loss")
         require(self.patience >= 0 and self.shuffle_buffer >= 0, "train.patience/shuffle_buffer must be >= 0")
+        require(self.length_buckets >= 1, "train.length_buckets must be >= 1")
 
 
 @dataclass
@@ -122,7 +136,10 @@ class TrainGRConfig:
     train: GROptimConfig = field(default_factory=GROptimConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     run: GRRunConfig = field(default_factory=GRRunConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)  # nan_step only (tests)
+
+    def __post_init__(self):
+        require(self.data.train_examples == "windows" or self.model.arch != "t5",
+                "data.train_examples=sequences needs a decoder-only model (model.arch=qwen2)")
 
 
 # ---- the worker -------------------------------------------------------------------
@@ -133,7 +150,7 @@ def _worker(cfg: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from forge_ray.core.gr.data import collate_causal, collate_seq2seq
+    from forge_ray.core.gr.data import IGNORE, collate_causal, collate_seq2seq, collate_sequences
     from forge_ray.distributed.train_common import RunReporter, init_deepspeed
 
     logs.setup_worker(cfg["log_levels"])
@@ -151,24 +168,26 @@ def _worker(cfg: dict) -> None:
     step = int(engine.global_steps)
     epoch, done_in_epoch = state.get("epoch", 0), state.get("micro_in_epoch", 0)
     history, best = state.get("history", []), state.get("best")
-    bad, best_state = state.get("bad_evals", 0), state.get("best_state")
-    valid, trie = (ray.get(cfg["valid_ref"]), ray.get(cfg["trie_ref"])) if rank == 0 else (None, None)
-    collate = collate_seq2seq if model_cfg.arch == "t5" else collate_causal
+    bad, best_state, best_step = state.get("bad_evals", 0), state.get("best_state"), state.get("best_step")
+    world = dist.get_world_size()
+    valid = {k: v[rank::world] for k, v in ray.get(cfg["valid_ref"]).items()}  # this rank's share
+    trie = ray.get(cfg["trie_ref"])
+    if cfg["sequences"]:
+        collate = collate_sequences
+    else:
+        collate = collate_seq2seq if model_cfg.arch == "t5" else collate_causal
     shard = ray.train.get_dataset_shard("train")
     higher = t["early_stop_metric"] != "valid_loss"
-    tokens, t0, stop = 0.0, time.perf_counter(), False
+    tokens, targets, t0, stop = 0.0, 0.0, time.perf_counter(), False
 
     def checkpoint(metrics: dict, finished: bool = False) -> None:
         client = {"epoch": epoch, "micro_in_epoch": micro, "history": history, "best": best,
-                  "bad_evals": bad, "best_state": best_state, "finished": finished}
+                  "best_step": best_step, "bad_evals": bad, "best_state": best_state, "finished": finished}
         reporter.report({"step": step, **metrics}, engine=engine, client_state=client if rank == 0 else {})
 
     micro = done_in_epoch
     while epoch < t["epochs"] and step < total and not stop:
-        batches = shard.iter_batches(batch_size=t["micro_batch"], batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=t["shuffle_buffer"] or None,
-                                     local_shuffle_seed=t["seed"] + epoch)
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(_micro_batches(shard, t, epoch)):
             if i < done_in_epoch:  # resumed mid-epoch: skip what was trained on
                 continue
             # batches are read-only views: copy rows before torch takes them
@@ -179,9 +198,11 @@ def _worker(cfg: dict) -> None:
             engine.backward(loss)
             engine.step()
             micro = i + 1
-            stats = torch.tensor([loss.detach().float().item(), float(b["attention_mask"].sum())])
+            # one all-reduce for the loss and both throughput counts
+            stats = torch.tensor([loss.detach().float().item(), float(b["attention_mask"].sum()),
+                                  float((b["labels"] != IGNORE).sum()) / vocab.n_levels])
             dist.all_reduce(stats)
-            tokens += float(stats[1])
+            tokens, targets = tokens + float(stats[1]), targets + float(stats[2])
             if not math.isfinite(float(stats[0])):  # the sum is NaN if any rank's loss is
                 reporter.stop(f"loss became NaN at step {step + 1}")
                 return
@@ -190,30 +211,29 @@ def _worker(cfg: dict) -> None:
             step = int(engine.global_steps)
             reporter.progress(step)
             if step % t["log_every"] == 0 and rank == 0:
-                rate = tokens / (time.perf_counter() - t0)
-                row = {"train/loss": float(stats[0]) / dist.get_world_size(),
+                elapsed = time.perf_counter() - t0
+                rate = tokens / elapsed
+                row = {"train/loss": float(stats[0]) / world,
                        "train/lr": engine.get_lr()[0], "train/tokens_per_s": rate,
+                       "train/targets_per_s": targets / elapsed,
                        "train/skipped_steps": int(engine.skipped_steps)}
                 reporter.log(row, step)
                 log.info(f"[train-gr] step {step}/{total} epoch {epoch} loss {row['train/loss']:.4f} "
                          f"{rate:,.0f} tok/s")
             if step % t["eval_every"] == 0 or step >= total:
-                decision = [None]
-                if rank == 0:
-                    metrics = _validate(engine.module, vocab, trie, valid, t)
-                    value = metrics[t["early_stop_metric"]]
-                    improved = best is None or (value > best if higher else value < best)
-                    if improved:
-                        best, bad = value, 0
+                metrics = _validate(engine.module, vocab, trie, valid, t)  # the same on every rank
+                value = metrics[t["early_stop_metric"]]
+                if best is None or (value > best if higher else value < best):
+                    best, bad, best_step = value, 0, step
+                    if rank == 0:  # rank 0 writes the model: only it keeps the best weights
                         best_state = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
-                    else:
-                        bad += 1
-                    history.append({"step": step, **metrics})
+                else:
+                    bad += 1
+                history.append({"step": step, **metrics})
+                if rank == 0:
                     reporter.log({f"valid/{k}": v for k, v in metrics.items()}, step)
                     log.info(f"[train-gr] step {step} validation {json.dumps(metrics)}")
-                    decision = [t["patience"] > 0 and bad >= t["patience"]]
-                dist.broadcast_object_list(decision, src=0)
-                stop = bool(decision[0])
+                stop = t["patience"] > 0 and bad >= t["patience"]
             if stop or step >= total:
                 break
             if step % cfg["checkpoint_every"] == 0:
@@ -226,9 +246,34 @@ def _worker(cfg: dict) -> None:
     reporter.close()
 
 
+def _micro_batches(shard, t: dict, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of this worker's shard as micro-batches (``train.length_buckets``).
+
+    Deterministic for a seed and epoch, so a resumed epoch skips the same ones. Every
+    worker yields the same number (Ray Train splits the rows equally; a remainder
+    smaller than a micro-batch is dropped, as ``drop_last`` does without buckets), so
+    the all-reduces stay in step.
+    """
+    mb, groups = t["micro_batch"], t["length_buckets"]
+    big = shard.iter_batches(batch_size=mb * groups, batch_format="numpy", drop_last=groups == 1,
+                             local_shuffle_buffer_size=t["shuffle_buffer"] or None,
+                             local_shuffle_seed=t["seed"] + epoch)
+    if groups == 1:
+        yield from big
+        return
+    rng = np.random.default_rng([t["seed"], epoch])
+    for batch in big:
+        order = np.argsort([len(x) for x in batch["input_ids"]], kind="stable")
+        cuts = [order[s: s + mb] for s in range(0, len(order) - mb + 1, mb)]
+        for j in rng.permutation(len(cuts)):
+            yield {k: v[cuts[j]] for k, v in batch.items()}
+
+
 def _validate(model, vocab: SIDVocab, trie, valid: dict, t: dict) -> dict[str, float]:
-    """Rank 0: validation loss and (beams > 0) constrained-beam Recall/NDCG@K."""
+    """Every rank scores its share of the validation windows; the sums are
+    all-reduced -> validation loss (mean per window) and, with beams, Recall/NDCG@K."""
     import torch
+    import torch.distributed as dist
 
     from forge_ray.core.gr.data import collate_causal, collate_seq2seq
     from forge_ray.core.gr.decoding import generate_sids
@@ -239,18 +284,24 @@ def _validate(model, vocab: SIDVocab, trie, valid: dict, t: dict) -> dict[str, f
     collate = collate_seq2seq if model.config.is_encoder_decoder else collate_causal
     n, loss_sum = len(valid["input_ids"]), 0.0
     acc = RetrievalMetrics(recall_ks=tuple(t["valid_ks"]), ndcg_ks=tuple(t["valid_ks"]))
+    names = [f"{m}@{k}" for m in ("ndcg", "recall") for k in sorted(t["valid_ks"])]
     chunk = max(1, t["micro_batch"])
+    device = next(model.parameters()).device
     with torch.no_grad():
         for s in range(0, n, chunk):
             ids, labels = valid["input_ids"][s: s + chunk], valid["labels"][s: s + chunk]
-            loss_sum += float(model(**collate(ids, labels, vocab)).loss) * len(ids)
+            batch = {k: v.to(device) for k, v in collate(ids, labels, vocab).items()}
+            loss_sum += float(model(**batch).loss) * len(ids)
             if t["valid_beams"] > 0:
                 beams = generate_sids(model, vocab, trie, ids, num_beams=t["valid_beams"])
                 acc.update_from_beams(beams, trie, [np.asarray([x]) for x in valid["target_item"][s: s + chunk]])
     model.train(was_training)
-    out = {"valid_loss": loss_sum / max(n, 1)}
+    sums = torch.tensor([loss_sum, float(n)] + [acc.sums.get(k, 0.0) for k in names], dtype=torch.float64)
+    dist.all_reduce(sums)  # one all-reduce for the loss, the count and every metric
+    total = max(float(sums[1]), 1.0)
+    out = {"valid_loss": float(sums[0]) / total}
     if t["valid_beams"] > 0:
-        out.update({k: v for k, v in acc.result().items() if "@" in k})
+        out.update({k: float(v) / total for k, v in zip(names, sums[2:].tolist())})
     return out
 
 
@@ -261,12 +312,16 @@ def _example_inputs(cfg: TrainGRConfig, data: str, sids: str | None):
     from forge_ray.distributed import gr_data
 
     t = cfg.train
+    eos = prompt_eos(cfg.model.arch == "t5")
     if gr_data.is_algr(data):
+        if cfg.data.train_examples != "windows":
+            raise InputError(data, "an AL-GR file holds ready-made windows; set data.train_examples=windows")
         sizes = gr_data.sid_sizes(sids) if sids else tuple(cfg.data.algr_sizes)
         vocab = SIDVocab(sizes)
-        train = gr_data.algr_examples(data, vocab, valid_every=50, part="train")
+        train = gr_data.algr_examples(data, vocab, valid_every=50, part="train", add_eos=eos)
         with gr_data.algr_read_errors(data):
-            valid = gr_data.algr_examples(data, vocab, valid_every=50, part="valid").take(t.valid_samples)
+            valid = gr_data.algr_examples(data, vocab, valid_every=50, part="valid", add_eos=eos)
+            valid = valid.take(t.valid_samples) if t.valid_samples else valid.take_all()
         if t.valid_beams > 0:
             raise InputError(data, "AL-GR training input has no item table for beam validation; "
                                    "set train.valid_beams=0 and train.early_stop_metric=valid_loss")
@@ -280,10 +335,24 @@ def _example_inputs(cfg: TrainGRConfig, data: str, sids: str | None):
         t.valid_beams > 0 or gr_data.use_broadcast(sids, cfg.data)) else (None, None)
     table = ItemSIDTable(item_ids, codes) if gr_data.use_broadcast(sids, cfg.data) else None
     trie = SIDTrie(codes, item_ids, vocab.sizes) if t.valid_beams > 0 else None
-    train = gr_data.sequence_examples(data, sids, vocab, "train", cfg.data, table=table)
+    train = gr_data.sequence_examples(data, sids, vocab, "train", cfg.data, table=table, add_eos=eos
+                                      ).select_columns(["input_ids", "labels"])
     counts = gr_data.count_examples(data, sids, vocab, "train", cfg.data, table=table)
-    valid = gr_data.sequence_examples(data, sids, vocab, "valid", cfg.data, table=table).take(t.valid_samples)
+    valid = gr_data.sequence_examples(data, sids, vocab, "valid", cfg.data, table=table, add_eos=eos
+                                      ).select_columns(["input_ids", "labels", "target_item"])
+    valid = valid.take(t.valid_samples) if t.valid_samples else valid.take_all()
     return vocab, train, valid, counts, trie
+
+
+def _selection(t: GROptimConfig, state: dict, history: list[dict]) -> dict:
+    """Which weights MODEL_DIR holds and why (recorded in metrics.json and the manifest)."""
+    step = state.get("best_step")
+    if not history or step is None:
+        return {"step": int(state.get("global_steps", 0)), "why": "the last step (no validation ran)"}
+    order = "highest" if t.early_stop_metric != "valid_loss" else "lowest"
+    return {"step": int(step), "metric": t.early_stop_metric, "value": state["best"],
+            "why": f"{order} {t.early_stop_metric} ({state['best']:.4f}) of {len(history)} validations "
+                   f"(every {t.eval_every} steps), at step {step}"}
 
 
 def _final_state(result) -> dict:
@@ -317,15 +386,18 @@ def _plot(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLike | None,
-             out: str | os.PathLike, overwrite: bool = False) -> dict:
-    """Train and write MODEL_DIR; returns its manifest. Needs a Ray connection."""
+def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str | os.PathLike,
+             cfg: TrainGRConfig | None = None, *, overwrite: bool = False) -> dict:
+    """Train on ``data`` (dataset folder or AL-GR TSV) with the SID table ``sids`` and
+    write MODEL_DIR ``out``; returns its manifest. Needs a Ray connection."""
     import ray
 
     from forge_ray.distributed.remote_errors import surface_user_errors
-    from forge_ray.distributed.train_common import cached_if_small, deepspeed_config, fingerprint, fit
+    from forge_ray.distributed.train_common import (cached_if_small, deepspeed_config, fingerprint, fit,
+                                                    injected_faults)
     from forge_ray.io import atomic_dir, check_output, read_manifest, write_manifest
 
+    cfg = cfg or TrainGRConfig()
     out, data = Path(out), os.fspath(data)
     sids = None if sids is None else os.fspath(sids)
     check_output(out, overwrite, kind=MODEL_KIND, inputs=(data, sids))  # before training
@@ -349,18 +421,21 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
         raise InputError(data, "no validation examples (every sequence is too short)")
     storage = cfg.run.storage(out)
     shape = {"model": to_dict(cfg.model), "sizes": list(vocab.sizes), "data": to_dict(cfg.data),
-             "train": {k: v for k, v in to_dict(t).items() if k in ("micro_batch", "grad_accum", "seed")},
+             "train": {k: v for k, v in to_dict(t).items()
+                       if k in ("micro_batch", "grad_accum", "seed", "length_buckets")},
              "world": world}
     loop = {"train": to_dict(t), "model": to_dict(cfg.model), "sizes": list(vocab.sizes),
             "total_steps": total, "checkpoint_every": scale.checkpoint_every,
-            "nan_step": cfg.debug.nan_step,
+            "sequences": cfg.data.train_examples == "sequences" and not is_algr(data),
+            "nan_step": injected_faults()["nan_step"],  # tests only: FORGE_RAY_FAULT_NAN_STEP
             "ds_config": deepspeed_config(scale.deepspeed_config, micro_batch=t.micro_batch,
                                           grad_accum=t.grad_accum, world_size=world, lr=t.lr,
                                           weight_decay=t.weight_decay, use_gpu=scale.use_gpu),
             "run_dir": os.fspath((storage / cfg.run.name / "logs").resolve()),
             "fingerprint": fingerprint(shape), "valid_ref": ray.put(valid), "trie_ref": ray.put(trie),
             "log_levels": logs.worker_levels()}
-    log.info(f"[train-gr] {counts.examples:,} training examples "
+    log.info(f"[train-gr] {counts.examples:,} training {cfg.data.train_examples} "
+             f"({counts.targets or counts.examples:,} targets; {len(valid['input_ids']):,} validation windows) "
              f"({'cached' if example_mb <= scale.cache_mb else 'streamed'}, <= {example_mb:,.1f} MiB), "
              f"{total} optimizer steps of {per_step}, "
              f"{count_parameters(cfg.model, vocab):,} parameters, {world} workers")
@@ -373,7 +448,8 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
     with atomic_dir(out, overwrite, kind=MODEL_KIND, inputs=(data, sids)) as tmp:
         save_model(model, vocab, tmp)
         (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        final = {"best": state["best"], "steps": int(state.get("global_steps", total)),
+        selected = _selection(t, state, history)
+        final = {"best": state["best"], "steps": int(state.get("global_steps", total)), "selected": selected,
                  "skipped_steps": int(state.get("skipped_steps", 0)),
                  "stopped_early": bool(result.metrics.get("stopped_early")), "last": history[-1] if history else {}}
         (tmp / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
@@ -383,7 +459,8 @@ def train_gr(cfg: TrainGRConfig, data: str | os.PathLike, sids: str | os.PathLik
             tmp, MODEL_KIND, arch=cfg.model.arch, sizes=list(vocab.sizes), data=os.path.abspath(data),
             sids=os.path.abspath(sids) if sids else None, config=to_dict(cfg), counts=counts.__dict__,
             steps=final["steps"], skipped_steps=final["skipped_steps"],
-            best={t.early_stop_metric: state["best"]}, run=os.fspath(storage.resolve()))
+            best={t.early_stop_metric: state["best"]}, selected=selected, valid_windows=len(valid["input_ids"]),
+            run=os.fspath(storage.resolve()))
         sid_manifest = read_manifest(sids, "sids") if sids else None
         (tmp / "README.md").write_text(model_card(manifest, final, sid_manifest))
     return manifest

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from forge_ray.core.gr.data import ItemSIDTable, history_input_ids
+from forge_ray.core.gr.data import ItemSIDTable, history_input_ids, prompt_eos
 from forge_ray.core.gr.decoding import generate_sids
 from forge_ray.core.gr.models import MODEL_KIND, load_model
 from forge_ray.core.gr.trie import SIDTrie
@@ -170,7 +170,7 @@ class Recommender:
         for start in range(0, len(histories), self.batch_size):
             chunk = [np.asarray(h, np.int64)[-self.max_history:] for h in histories[start:start + self.batch_size]]
             codes = [self.items.lookup(h)[0] for h in chunk]
-            prompts = list(history_input_ids(codes, self.vocab))
+            prompts = list(history_input_ids(codes, self.vocab, prompt_eos(self.model.config.is_encoder_decoder)))
             found = generate_sids(self.model, self.vocab, self.trie, prompts, num_beams=beams)
             items = self.trie.expand(found.codes, k)
             for row, q in zip(items, range(len(chunk))):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -45,7 +46,7 @@ def test_parallel_eval_equals_single_process(ray_cluster, tmp_path):
     model, vocab = saved_model(tmp_path / "model")
     # small example batches -> several blocks, so both actors get work
     cfg = eval_config("actors=2", "batch_size=4", "data.batch_rows=8")
-    got = evaluate(cfg, tmp_path / "model", ds, sids, tmp_path / "eval")
+    got = evaluate(tmp_path / "model", tmp_path / "eval", cfg, data=ds, sids=sids)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == got
     # which actors decode is up to Ray (a fast first actor may take every block)
     assert 1 <= got["decode_actors_used"] <= 2
@@ -78,7 +79,7 @@ def test_vocabulary_mismatch_is_refused(ray_cluster, tmp_path):
     ds, sids, *_ = build_gr_data(tmp_path, n_users=4)
     saved_model(tmp_path / "model", sizes=(8, 4, 4))
     with pytest.raises(InputError, match=r"codebook sizes \[8, 4, 4\].*\[4, 4, 4\]"):
-        evaluate(eval_config(), tmp_path / "model", ds, sids, tmp_path / "eval")
+        evaluate(tmp_path / "model", tmp_path / "eval", eval_config(), data=ds, sids=sids)
     assert not (tmp_path / "eval").exists()
 
 
@@ -92,14 +93,14 @@ def test_algr_test_file_scores_like_the_dataset(ray_cluster, tmp_path):
     ds, sids, *_ = build_gr_data(tmp_path)
     _, vocab = saved_model(tmp_path / "model")
     cfg = eval_config("batch_size=8")
-    want = evaluate(cfg, tmp_path / "model", ds, sids, tmp_path / "eval_ds")
+    want = evaluate(tmp_path / "model", tmp_path / "eval_ds", cfg, data=ds, sids=sids)
 
     rows = sequence_examples(ds, sids, vocab, "test", cfg.data).take_all()
     batch = {"input_ids": [np.asarray(r["input_ids"]) for r in rows],
              "target_items": [np.asarray([r["target_item"]]) for r in rows]}
     test_file = tmp_path / "test.tsv"
     assert write_algr(test_file, [batch], vocab) == 40
-    got = evaluate(cfg, tmp_path / "model", test_file, sids, tmp_path / "eval_algr")
+    got = evaluate(tmp_path / "model", tmp_path / "eval_algr", cfg, data=test_file, sids=sids)
     assert got["num_queries"] == 40 and got["invalid_rate"] == 0.0
     assert "popularity" not in got and "training interactions" in got["popularity_skipped"]
     for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "hr@20"):
@@ -108,11 +109,45 @@ def test_algr_test_file_scores_like_the_dataset(ray_cluster, tmp_path):
     # a second true item that is never generated halves HR (|top-K ∩ true| / |true|)
     batch["target_items"] = [np.asarray([t[0], -5]) for t in batch["target_items"]]
     write_algr(test_file, [batch], vocab)
-    two = evaluate(cfg, tmp_path / "model", test_file, sids, tmp_path / "eval_two")
+    two = evaluate(tmp_path / "model", tmp_path / "eval_two", cfg, data=test_file, sids=sids)
     assert two["hr@20"] == pytest.approx(want["hr@20"] / 2, rel=1e-12, abs=1e-15)
 
     bad = tmp_path / "bad.tsv"
     bad.write_text("id\tsystem\tuser\tanswer\nq1\tsys\thist:C1C5C9\t\n")
     with pytest.raises(InputError, match=r"bad.tsv: row q1: answer holds no item ids"):
-        evaluate(cfg, tmp_path / "model", bad, sids, tmp_path / "eval_bad")
+        evaluate(tmp_path / "model", tmp_path / "eval_bad", cfg, data=bad, sids=sids)
     assert not (tmp_path / "eval_bad").exists()
+
+
+def test_content_knn_baselines_on_the_same_queries(ray_cluster, tmp_path):
+    """With item embeddings in the dataset, eval-gr scores cosine kNN of the last
+    history item and of the history mean on the same queries, equal to an in-process
+    ranking; --model alone finds the data and SID table through the model's manifest."""
+    from forge_ray.core.gr.knn import ContentKNN
+    from forge_ray.data.schema import ShardWriter, embedding_array, items_schema
+    from forge_ray.distributed.evaluate import evaluate
+    from forge_ray.distributed.gr_data import sequence_examples
+
+    ds, sids, items, codes, users, seqs = build_gr_data(tmp_path)
+    emb = np.random.default_rng(3).normal(size=(len(items), 6)).astype(np.float32)
+    with ShardWriter(ds / "items", items_schema(6), rows_per_shard=20) as w:
+        w.write(pa.table({"item_id": items, "embedding": embedding_array(emb)}, schema=items_schema(6)))
+    write_manifest(ds, "dataset", counts={"sequences": len(users), "items": len(items)}, embedding_dim=6)
+    _, vocab = saved_model(tmp_path / "model")
+    write_manifest(tmp_path / "model", "gr_model", arch="t5", sizes=list(SIZES), data=str(ds), sids=str(sids))
+    cfg = eval_config("batch_size=8")
+    got = evaluate(tmp_path / "model", tmp_path / "eval", cfg)  # data and SIDs from the manifest
+
+    rows = sequence_examples(ds, sids, vocab, "test", cfg.data).take_all()
+    truths = [np.asarray([r["target_item"]]) for r in rows]
+    knn = ContentKNN(items, emb)
+    for name, query in (("last_item", "last"), ("history_mean", "mean")):
+        ref = RetrievalMetrics((5, 10), (5, 10), (20,))
+        ref.update(knn.rank([np.asarray(r["history_items"]) for r in rows], 20, query), truths)
+        for key, value in got["content_knn"][name].items():
+            assert value == pytest.approx(ref.result()[key], rel=1e-12, abs=1e-15), (name, key)
+    assert got["content_knn"]["last_item"] != got["content_knn"]["history_mean"]
+    assert got["num_queries"] == 40 and "content_knn_skipped" not in got
+    # too big for knn_max_mb: skipped, and the report says why
+    small = evaluate(tmp_path / "model", tmp_path / "eval_small", eval_config("knn_max_mb=0.0001"))
+    assert "content_knn" not in small and "knn_max_mb" in small["content_knn_skipped"]

@@ -1,6 +1,7 @@
 """History -> example building (leave-one-out, truncation, sliding windows) and collation."""
 
 import numpy as np
+import pytest
 import torch
 
 from forge_ray.core.gr.data import (IGNORE, ExampleCounts, ItemSIDTable, build_examples,
@@ -62,3 +63,56 @@ def test_collate_seq2seq_and_causal():
 def test_empty_batch():
     b, c = build_examples(np.zeros(0, np.int64), [], TABLE, VOCAB, "train", max_history=5)
     assert len(b["input_ids"]) == 0 and b["labels"].shape == (0, 3) and c.examples == 0
+
+
+def test_sequence_chunks_hold_every_window_target_once():
+    from forge_ray.core.gr.data import sequence_chunks
+
+    for n in range(0, 30):
+        for max_history in (1, 2, 5, 20):
+            for min_history in range(1, max_history + 1):
+                targets = []
+                for start, end, context in sequence_chunks(n, max_history, min_history):
+                    assert end - start <= max_history + 1 and context >= 1
+                    targets += list(range(start + context, end))
+                # windows: every prefix s[:j], j >= min_history, of the n items
+                assert targets == list(range(min_history, n)), (n, max_history, min_history)
+
+
+def test_sequence_examples_and_collation():
+    from forge_ray.core.gr.data import build_sequence_examples, collate_sequences
+
+    seqs = [np.array([1, 2, 3, 4, 5, 6, 7]), np.array([11, 99, 12]), np.array([21, 22, 23, 24])]
+    ex, c = build_sequence_examples(USERS, seqs, TABLE, VOCAB, max_history=2)
+    # user 100 train part [1..5]: chunks [3,4,5] (targets 4, 5) and [1,2,3] (targets 2, 3)
+    assert ex["user_id"].tolist() == [100, 100, 102] and ex["target_item"].tolist() == [3, 5, 22]
+    np.testing.assert_array_equal(ex["input_ids"][1], ids(3, 4, 5))
+    np.testing.assert_array_equal(ex["labels"][1], np.r_[[IGNORE] * 3, ids(4, 5)])
+    windows, wc = build_examples(USERS, seqs, TABLE, VOCAB, "train", max_history=2)
+    assert c.targets == wc.examples == 5  # the same targets: 2, 3, 4, 5 and 22
+    assert c == ExampleCounts(sequences=3, examples=3, unknown_items=1, too_short=1, targets=5)
+    b = collate_sequences(list(ex["input_ids"]), list(ex["labels"]), VOCAB)
+    assert b["input_ids"].shape == (3, 9) and b["attention_mask"].sum(1).tolist() == [9, 9, 6]
+    assert (b["labels"][2, :3] == IGNORE).all() and (b["labels"][2, 6:] == IGNORE).all()
+    assert b["labels"][2, 3:6].tolist() == ids(22).tolist()
+
+
+def test_full_sequence_loss_is_the_mean_of_the_window_losses():
+    """For a decoder-only model the whole-sequence objective is the windows' objective:
+    one forward pass over a user's items gives the mean of the per-window losses."""
+    from forge_ray.core.gr.data import build_sequence_examples, collate_sequences, prompt_eos
+    from forge_ray.core.gr.models import GRModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(GRModelConfig("qwen2", "tiny"), VOCAB).eval()
+    seq = [np.array([1, 2, 3, 4, 5, 6, 7, 8])]
+    full, _ = build_sequence_examples(USERS[:1], seq, TABLE, VOCAB, max_history=20)
+    assert len(full["input_ids"]) == 1  # one chunk: every target 2..6 of the train part
+    windows, _ = build_examples(USERS[:1], seq, TABLE, VOCAB, "train", max_history=20,
+                                add_eos=prompt_eos(False))
+    with torch.no_grad():
+        one = model(**collate_sequences(list(full["input_ids"]), list(full["labels"]), VOCAB)).loss
+        per_window = [model(**collate_causal([p], [t], VOCAB)).loss
+                      for p, t in zip(windows["input_ids"], windows["labels"])]
+    assert len(per_window) == 5
+    assert float(one) == pytest.approx(float(torch.stack(per_window).mean()), rel=1e-5)

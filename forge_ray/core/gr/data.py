@@ -8,6 +8,16 @@ sequences): for a user's time-ordered items s[0..n-1]
 - ``valid``: history s[:n-2], target s[n-2]
 - ``train``: sliding windows over s[:n-2]: every prefix s[:j] (j >= min_history)
   predicts s[j]
+- ``train`` as whole sequences (:func:`build_sequence_examples`, decoder-only
+  models): s[:n-2] cut from its end into chunks of up to ``max_history + 1`` items
+  that overlap by one item; a causal model trained on a chunk learns every item after
+  its first from the items before it in one forward pass. That is the same objective
+  as the chunk's sliding windows (each target, its history inside the chunk), with
+  each target's history cut at the chunk start rather than at ``max_history`` items.
+
+Prompts: an encoder-decoder reads the history then ``</s>``; a decoder-only model
+reads the history alone and continues it with the next item's tokens
+(:func:`prompt_eos`), so its windows are prefixes of its training sequences.
 
 Histories keep only the most recent ``max_history`` items (20 for Amazon, 100 for
 FORGE); each cut is counted. Items without a SID are dropped from the sequence
@@ -17,7 +27,10 @@ sequence too short to give an example for the split is counted in ``too_short``.
 An example batch is a dict of columns:
 ``user_id`` (E,) int64, ``target_item`` (E,) int64,
 ``input_ids`` (E,) object array of 1-D int64 token ids (history SIDs, L per item,
-then ``</s>``), ``labels`` (E, L) int64 token ids of the target SID.
+then ``</s>``), ``labels`` (E, L) int64 token ids of the target SID, ``history_items`` (E,) object
+array of the history's item ids. A sequence batch has ``input_ids`` (the chunk's
+tokens) and ``labels`` (the same tokens, ``-100`` on the context item(s) that are
+not targets) as equal-length object arrays, and ``target_item`` = the chunk's last item.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ class ExampleCounts:
     unknown_items: int = 0
     too_short: int = 0
     truncated: int = 0
+    targets: int = 0  # predicted items of sequence chunks (windows: one each, = examples)
 
     def merge(self, other: "ExampleCounts") -> "ExampleCounts":
         return ExampleCounts(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
@@ -89,6 +103,11 @@ def split_sequence(seq: np.ndarray, split: Split, min_history: int = 1
     return [seq[:j] for j in ends], seq[np.asarray(ends, dtype=np.int64)]
 
 
+def prompt_eos(is_encoder_decoder: bool) -> bool:
+    """Whether prompts end with ``</s>``: for an encoder-decoder only (see module doc)."""
+    return bool(is_encoder_decoder)
+
+
 def history_input_ids(history_codes: Sequence[np.ndarray], vocab: SIDVocab, add_eos: bool = True
                       ) -> np.ndarray:
     """Per example (n_i, L) codes -> object array of (n_i * L [+ 1],) int64 token ids."""
@@ -132,8 +151,65 @@ def build_examples(user_ids: np.ndarray, item_seqs: Sequence[np.ndarray], table:
         "target_item": targets.astype(np.int64),
         "input_ids": history_input_ids(history_codes, vocab, add_eos),
         "labels": vocab.codes_to_ids(table.lookup(targets)[0]),
+        "history_items": _object_rows(histories),
     }
     return batch, counts
+
+
+def _object_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(rows), dtype=object)
+    for i, r in enumerate(rows):
+        out[i] = np.asarray(r, dtype=np.int64)
+    return out
+
+
+def sequence_chunks(n: int, max_history: int, min_history: int = 1) -> list[tuple[int, int, int]]:
+    """A training part of ``n`` items -> [(start, end, context)] in sequence order:
+    chunks s[start:end] of up to ``max_history + 1`` items cut from the end,
+    overlapping by one item; the first ``context`` items of a chunk are history only
+    (1, more near the start so that every target j has j >= ``min_history``), the rest
+    are targets."""
+    out, end = [], n
+    while end > min_history:  # the chunk's last item s[end - 1] is a target
+        start = max(0, end - (max_history + 1))
+        out.append((start, end, max(1, min_history - start)))
+        end = start + 1 if start > 0 else 0
+    return out[::-1]
+
+
+def build_sequence_examples(user_ids: np.ndarray, item_seqs: Sequence[np.ndarray], table: ItemSIDTable,
+                            vocab: SIDVocab, max_history: int, min_history: int = 1
+                            ) -> tuple[dict[str, np.ndarray], ExampleCounts]:
+    """A batch of user sequences -> whole-sequence training chunks (module doc) and counts.
+
+    Every target of :func:`build_examples` ``"train"`` is a target of exactly one chunk.
+    """
+    if max_history < 1 or min_history < 1:
+        raise ValueError(f"max_history ({max_history}) and min_history ({min_history}) must be >= 1")
+    counts = ExampleCounts(sequences=len(item_seqs))
+    users, inputs, labels, last = [], [], [], []
+    for user, seq in zip(np.asarray(user_ids).tolist(), item_seqs):
+        seq = np.asarray(seq, dtype=np.int64)
+        codes, found = table.lookup(seq)
+        counts.unknown_items += int((~found).sum())
+        train_part = seq[found][:-2]
+        chunks = sequence_chunks(len(train_part), max_history, min_history)
+        if not chunks:
+            counts.too_short += 1
+            continue
+        ids = vocab.codes_to_ids(codes[found][:-2])
+        for start, end, context in chunks:
+            tokens = ids[start:end].reshape(-1)
+            lab = tokens.copy()
+            lab[: context * vocab.n_levels] = IGNORE
+            users.append(user)
+            inputs.append(tokens)
+            labels.append(lab)
+            last.append(train_part[end - 1])
+            counts.targets += end - start - context
+    counts.examples = len(users)
+    return {"user_id": np.asarray(users, dtype=np.int64), "target_item": np.asarray(last, dtype=np.int64),
+            "input_ids": _object_rows(inputs), "labels": _object_rows(labels)}, counts
 
 
 # ---- collation ------------------------------------------------------------------
@@ -155,6 +231,16 @@ def collate_seq2seq(input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray
                     ) -> dict[str, torch.Tensor]:
     """Encoder-decoder batch: ``input_ids``/``attention_mask`` (B, T), ``labels`` (B, L)
     padded with -100 (the model builds decoder inputs by shifting labels right)."""
+    ids, mask = pad_sequences(input_ids, vocab.pad_id)
+    lab, _ = pad_sequences(labels, IGNORE)
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def collate_sequences(input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray], vocab: SIDVocab
+                      ) -> dict[str, torch.Tensor]:
+    """Whole-sequence decoder-only batch: ``input_ids`` / ``attention_mask`` / ``labels``
+    (B, T) right-padded; labels are the chunk's own tokens with -100 on context and
+    padding (HF causal LMs shift labels internally)."""
     ids, mask = pad_sequences(input_ids, vocab.pad_id)
     lab, _ = pad_sequences(labels, IGNORE)
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}

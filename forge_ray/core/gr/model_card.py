@@ -27,10 +27,13 @@ def model_card(manifest: dict[str, Any], metrics: dict[str, Any], sid_manifest: 
          if isinstance(counts.get("sequences"), int) else f"`{manifest.get('data')}`"),
         ("SID table", f"`{manifest.get('sids')}`" + (f" ({sid['counts']['items']:,} items)" if sid.get("counts") else "")),
         ("SID layout", f"{len(sizes)} tokens per item, codebook sizes {sizes}, collision strategy `{strategy}`"),
-        ("history", f"last {data.get('max_history')} items, {len(sizes)} tokens each, then `</s>`"),
+        ("history", f"last {data.get('max_history')} items, {len(sizes)} tokens each"
+                    + (", then `</s>`" if model.get("arch") == "t5" else " (the model continues it)")),
+        ("training examples", data.get("train_examples", "windows")),
         ("training", f"{manifest.get('steps')} optimizer steps, lr {train.get('lr')}, "
                      f"micro-batch {train.get('micro_batch')} x {cfg.get('scale', {}).get('num_workers')} workers"),
         ("validation", ", ".join(f"{k} {v:.4f}" for k, v in best.items() if isinstance(v, (int, float))) or "n/a"),
+        ("kept checkpoint", (manifest.get("selected") or {}).get("why", "n/a")),
         ("stopped early", str(metrics.get("stopped_early", False))),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -78,7 +81,7 @@ model = {'AutoModelForSeq2SeqLM' if model.get('arch') == 't5' else 'AutoModelFor
 table = SidTable.open("{manifest.get('sids')}")
 ids, codes = table.arrays()
 trie = SIDTrie(codes, ids, table.sizes)
-enc = tok(["<history SIDs as C-tokens></s>"], return_tensors="pt", add_special_tokens=False)
+enc = tok(["<history SIDs as C-tokens>{'</s>' if model.get('arch') == 't5' else ''}"], return_tensors="pt", add_special_tokens=False)
 proc = SIDLogitsProcessor.for_inputs(model, trie, SIDVocab.load("THIS_DIR"), enc.input_ids)
 out = model.generate(**enc, logits_processor=LogitsProcessorList([proc]))
 ```

@@ -7,6 +7,7 @@ preset        arch    dims
 ============  ======  ==========================================================
 tiny          both    d 32, 1+1 (T5) / 2 (Qwen2) layers: CI only
 tiger         t5      TIGER: 4+4 layers, d_model 128, d_ff 1024, 6 heads x d_kv 64
+small         qwen2   SASRec/RPG-sized causal decoder: hidden 128, 2 layers, 4 heads, ff 512
 t5-base       t5      FORGE: 12+12 layers, d_model 768, d_ff 3072, 12 heads x 64
 qwen2.5-0.5b  qwen2   FORGE: hidden 896, 24 layers, 14 heads (2 KV), ff 4864
 ============  ======  ==========================================================
@@ -46,6 +47,9 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("qwen2", "tiny"): dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=2, num_key_value_heads=1,
                             max_position_embeddings=1024),
+    ("qwen2", "small"): dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, attention_dropout=0.1,
+                             max_position_embeddings=1024),
     ("qwen2", "qwen2.5-0.5b"): dict(
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
