@@ -73,9 +73,9 @@ def run(cfg: BeautyJobConfig) -> dict:
     raw, emb, quant, sids = work / "raw", work / "dataset", work / "quantizer", work / "sids"
     model, evald = work / "gr_model", work / "eval"
     _stage("ingest", [cfg.source, "--out", str(raw)], raw)
-    _stage("embed", [str(raw), "--out", str(emb), "--batch-size", str(cfg.embed_batch_size),
+    _stage("embed", ["--data", str(raw), "--out", str(emb), "--batch-size", str(cfg.embed_batch_size),
                      "--actors", str(cfg.embed_actors)], emb)
-    _stage("train-sid", [str(emb), "--out", str(quant), *_with_config(cfg, "train_sid")], quant)
+    _stage("train-sid", ["--data", str(emb), "--out", str(quant), *_with_config(cfg, "train_sid")], quant)
     _stage("assign", ["--model", str(quant), "--data", str(emb), "--out", str(sids),
                       *_with_config(cfg, "assign")], sids)
     _stage("train-gr", ["--data", str(emb), "--sids", str(sids), "--out", str(model),

@@ -311,7 +311,7 @@ class _Run:
         _, cfg = self.cfg.section("train_gr")
         return self.step(
             "train_gr", {}, cfg,
-            lambda: train_gr(cfg, self.data, self.out("assign"), self.out("train_gr"), overwrite=True),
+            lambda: train_gr(self.data, self.out("assign"), self.out("train_gr"), cfg, overwrite=True),
             lambda m: {"steps": m["steps"], **{f"best {k}": v for k, v in m["best"].items()}},
             runs=(self.run_folder("train_gr", cfg),))
 
@@ -321,8 +321,8 @@ class _Run:
         _, cfg = self.cfg.section("eval_gr")
         return self.step(
             "eval_gr", {}, cfg,
-            lambda: evaluate(cfg, self.out("train_gr"), self.data, self.out("assign"),
-                             self.out("eval_gr"), overwrite=True),
+            lambda: evaluate(self.out("train_gr"), self.out("eval_gr"), cfg, data=self.data,
+                             sids=self.out("assign"), overwrite=True),
             _eval_key_metrics)
 
 

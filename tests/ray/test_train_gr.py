@@ -71,15 +71,15 @@ def test_two_worker_deepspeed_training_then_resume(ray_cluster, tmp_path):
 
     ds, sids, items, codes, users, seqs = build_gr_data(tmp_path)
     runs = tmp_path / "runs"
-    first = train_gr(tiny_config("train.max_steps=4", "train.eval_every=4", "train.log_every=1",
-                                 f"run.storage_path={runs}"), ds, sids, tmp_path / "m1")
+    first = train_gr(ds, sids, tmp_path / "m1", tiny_config(
+        "train.max_steps=4", "train.eval_every=4", "train.log_every=1", f"run.storage_path={runs}"))
     assert first["steps"] == 4 and first["kind"] == "gr_model" and first["sizes"] == list(SIZES)
     # unknown items and the empty sequence are counted, never silently lost
     _, ref = build_examples(users, seqs, ItemSIDTable(items, codes), SIDVocab(SIZES), "train", 5)
     assert first["counts"] == ref.__dict__ and ref.unknown_items == 6 and ref.too_short == 1
     # same run storage + name: resumes at step 4 and continues the step count
-    second = train_gr(tiny_config("train.max_steps=8", "train.eval_every=4", "train.log_every=1",
-                                  f"run.storage_path={runs}"), ds, sids, tmp_path / "m2")
+    second = train_gr(ds, sids, tmp_path / "m2", tiny_config(
+        "train.max_steps=8", "train.eval_every=4", "train.log_every=1", f"run.storage_path={runs}"))
     assert second["steps"] == 8
     history = [json.loads(x) for x in (tmp_path / "m2" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [4, 8]
@@ -108,14 +108,14 @@ def test_bad_training_inputs(ray_cluster, tmp_path):
 
     ds, sids, *_ = build_gr_data(tmp_path, n_users=3)
     with pytest.raises(InputError, match="fewer than one global batch"):
-        train_gr(tiny_config("train.micro_batch=64"), ds, sids, tmp_path / "m")
+        train_gr(ds, sids, tmp_path / "m", tiny_config("train.micro_batch=64"))
     with pytest.raises(InputError, match="needs --sids"):
-        train_gr(tiny_config(), ds, None, tmp_path / "m")
+        train_gr(ds, None, tmp_path / "m", tiny_config())
     # workers taking every CPU of the (4-CPU) cluster would starve Ray Data's reads: a
     # silent hang, so refused up front
     ds, sids, *_ = build_gr_data(tmp_path / "full")
     with pytest.raises(TrainingError, match=r"= 4 of the cluster's 4 CPUs leaves 0 for Ray Data"):
-        train_gr(tiny_config("scale.num_workers=4", "scale.cpus_per_worker=1"), ds, sids, tmp_path / "m")
+        train_gr(ds, sids, tmp_path / "m", tiny_config("scale.num_workers=4", "scale.cpus_per_worker=1"))
     assert not (tmp_path / "m").exists()
 
 
@@ -137,23 +137,25 @@ def not_loopback(found: set) -> list:
     return sorted(s for s in found if not ipaddress.ip_address(s[0].removeprefix("::ffff:")).is_loopback)
 
 
-def test_nan_loss_stops_on_loopback_keeping_the_last_checkpoint(ray_cluster, tmp_path):
+def test_nan_loss_stops_on_loopback_keeping_the_last_checkpoint(ray_cluster, tmp_path, monkeypatch):
     """A NaN loss at step 5 stops the run: the error names the step and the step-4
     checkpoint, no MODEL_DIR is written. Every socket the cluster's processes listen on
     meanwhile (Ray's and the torch.distributed rendezvous of rank 0) is on loopback."""
     from forge_ray.distributed.train_common import TrainingError, newest_checkpoint
+    from forge_ray.distributed.train_common import FAULT_ENV
     from forge_ray.distributed.train_gr import train_gr
 
     ds, sids, *_ = build_gr_data(tmp_path)
     runs = tmp_path / "runs"
+    monkeypatch.setenv(FAULT_ENV["nan_step"], "5")
     cfg = tiny_config("train.max_steps=8", "train.eval_every=100", "scale.checkpoint_every=2",
-                      "debug.nan_step=5", f"run.storage_path={runs}")
+                      f"run.storage_path={runs}")
     stop, found = threading.Event(), set()
     sampler = threading.Thread(target=listening_sockets, args=(os.getpid(), stop, found))
     sampler.start()
     try:
         with pytest.raises(TrainingError, match=r"NaN at step 5; stopped, last good checkpoint: .*checkpoint_"):
-            train_gr(cfg, ds, sids, tmp_path / "m")
+            train_gr(ds, sids, tmp_path / "m", cfg)
     finally:
         stop.set()
         sampler.join()
@@ -177,7 +179,7 @@ def test_a_run_whose_steps_were_mostly_skipped_fails(ray_cluster, tmp_path):
                       "train.valid_beams=0", "train.early_stop_metric=valid_loss", "train.log_every=1",
                       f"run.storage_path={runs}")
     with pytest.raises(TrainingError, match=r"DeepSpeed skipped 10 of 16 optimizer steps"):
-        train_gr(cfg, ds, sids, tmp_path / "m")
+        train_gr(ds, sids, tmp_path / "m", cfg)
     assert not (tmp_path / "m").exists()
     logged = [json.loads(x) for x in (runs / "train_gr" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/skipped_steps"] for r in logged if "train/skipped_steps" in r][-1] == 10
@@ -242,7 +244,7 @@ def test_interrupted_cli_run_says_where_and_resumes_from_the_newest_checkpoint(r
     log = run / "logs" / "metrics.jsonl"
     before = len(log.read_text().splitlines())
     cfg = tiny_config(*overrides[1:], f"train.max_steps={resume_step + 2}")
-    assert train_gr(cfg, ds, sids, tmp_path / "m")["steps"] == resume_step + 2
+    assert train_gr(ds, sids, tmp_path / "m", cfg)["steps"] == resume_step + 2
     resumed = [json.loads(x)["step"] for x in log.read_text().splitlines()[before:]]
     assert resumed[:2] == [resume_step + 1, resume_step + 2]
 
@@ -263,3 +265,34 @@ def test_hash_join_equals_broadcast_join(ray_cluster, tmp_path):
         assert got == expected, join
         assert count_examples(ds, sids, vocab, "train", cfg) == ref_counts
     assert isinstance(ref_counts, ExampleCounts)
+
+
+def test_decoder_only_trains_on_whole_sequences(ray_cluster, tmp_path):
+    """data.train_examples=sequences: the same targets as the windows in fewer examples,
+    validation on every user's window split across both workers, the kept checkpoint
+    the one with the lowest validation loss, and why, in the manifest."""
+    from forge_ray.core.gr.models import load_model
+    from forge_ray.distributed.train_gr import train_gr
+
+    ds, sids, items, codes, users, seqs = build_gr_data(tmp_path)
+    cfg = tiny_config("model.arch=qwen2", "data.train_examples=sequences", "train.max_steps=8",
+                      "train.eval_every=4", "train.valid_samples=0", "train.early_stop_metric=valid_loss",
+                      "train.log_every=1", "train.length_buckets=2", f"run.storage_path={tmp_path / 'runs'}")
+    m = train_gr(ds, sids, tmp_path / "m", cfg)
+    table, vocab = ItemSIDTable(items, codes), SIDVocab(SIZES)
+    _, windows = build_examples(users, seqs, table, vocab, "train", 5)
+    _, valid = build_examples(users, seqs, table, vocab, "valid", 5)
+    assert m["counts"]["targets"] == windows.examples > m["counts"]["examples"]
+    assert m["valid_windows"] == valid.examples  # train.valid_samples=0: all of them
+    history = [json.loads(x) for x in (tmp_path / "m" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [4, 8] and all("recall@10" in h for h in history)
+    best = min(history, key=lambda h: h["valid_loss"])
+    assert m["selected"]["step"] == best["step"] and m["selected"]["metric"] == "valid_loss"
+    assert m["selected"]["value"] == pytest.approx(best["valid_loss"]) and "lowest valid_loss" in m["selected"]["why"]
+    logged = [json.loads(x) for x in (tmp_path / "runs" / "train_gr" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train/targets_per_s"] > 0 for r in logged if "train/loss" in r)
+    model, _ = load_model(tmp_path / "m")
+    assert not model.config.is_encoder_decoder
+    assert "sequences" in (tmp_path / "m" / "README.md").read_text()
+    with pytest.raises(Exception, match="needs a decoder-only model"):
+        tiny_config("data.train_examples=sequences")
