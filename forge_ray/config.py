@@ -219,15 +219,3 @@ class ScaleConfig:
         require(self.max_failures >= 0, "scale.max_failures must be >= 0")
         require(self.checkpoint_every >= 1, "scale.checkpoint_every must be >= 1")
         require(self.keep_checkpoints >= 1, "scale.keep_checkpoints must be >= 1")
-
-
-@dataclasses.dataclass
-class DebugConfig:
-    """Fault injection for tests of the Ray Train stages: rank ``kill_rank`` exits at
-    step ``kill_step`` once (remembered by the ``marker`` file; train-sid only); the
-    loss is made NaN at optimizer step ``nan_step``."""
-
-    kill_rank: int = -1
-    kill_step: int = -1
-    marker: str = ""
-    nan_step: int = -1
