@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,42 @@ def timed(fn, repeat=1):
         out = fn()
         best = min(best, time.perf_counter() - t)
     return best, out
+
+
+class PeakRss:
+    """Peak resident memory (bytes) of every ``ray::`` worker process while the block
+    runs, sampled every 0.2 s; ``encoders()`` lists the peaks of the processes that
+    ever ran an ``Encoder`` actor (RSS counts the object-store pages a worker touched)."""
+
+    def __init__(self):
+        self.peak: dict[int, int] = {}
+        self.names: dict[int, set[str]] = {}
+        self._stop = threading.Event()
+
+    def _sample(self):
+        import psutil
+
+        while not self._stop.wait(0.2):
+            for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if not cmd.startswith("ray::") or p.info["memory_info"] is None:
+                    continue
+                pid = p.info["pid"]
+                self.peak[pid] = max(self.peak.get(pid, 0), p.info["memory_info"].rss)
+                self.names.setdefault(pid, set()).add(cmd.split()[0])
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._thread.join()
+
+    def encoders(self) -> list[int]:
+        return sorted((self.peak[p] for p, n in self.names.items() if any("Encoder" in x for x in n)),
+                      reverse=True)
 
 
 def matmul_gflops(n=2048, repeat=3) -> float:
@@ -82,7 +119,7 @@ def main():
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ray_times = {}
+    ray_times, ray_rss = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         with ShardWriter(tmp / "data/items", items_schema(d), rows_per_shard=25_000) as w:
@@ -93,15 +130,19 @@ def main():
         for strategy in ("none", "cap"):
             cfg = load_config(AssignConfig, None, [f"collisions.strategy={strategy}", "pool.actors=2",
                                                    "pool.batch_size=8192", "partitions=2"])
-            ray_times[strategy], _ = timed(lambda: assign(tmp / "model", tmp / "data",
-                                                          tmp / f"sids_{strategy}", cfg))
+            with PeakRss() as rss:
+                ray_times[strategy], _ = timed(lambda: assign(tmp / "model", tmp / "data",
+                                                              tmp / f"sids_{strategy}", cfg))
+            ray_rss[strategy] = rss.encoders()
     ray.shutdown()
 
     print(f"items={n} dim={d} sizes={sizes} threads={args.threads}")
     print(f"core encode (1 process)       : {n / t_core:12,.0f} items/s")
     print(f"faiss RQ compute_codes        : {n / t_faiss:12,.0f} items/s  (codes agree {agree:.4f})")
     for s, t in ray_times.items():
-        print(f"Ray Data assign ({s:4s}, e2e)  : {n / t:12,.0f} items/s")
+        mib = ", ".join(f"{b / 2**20:,.0f}" for b in ray_rss[s])
+        print(f"Ray Data assign ({s:4s}, e2e)  : {n / t:12,.0f} items/s  ({t:.1f} s; "
+              f"{n / t / (n / t_core):.3f}x core; peak RSS per encoder actor {mib} MiB)")
     print(f"ratio core/faiss              : {t_faiss / t_core:.2f}x")
     print(f"ratio ray(none)/core          : {t_core / ray_times['none']:.3f}x")
     print(f"matmul peak                   : {peak:8.1f} GFLOP/s")

@@ -1,29 +1,37 @@
-"""``forge-ray assign``: give every item of a dataset exactly one SID, on Ray.
-
-Pipeline (all Ray Data, streaming; nothing holds the whole item table in one process):
+"""``forge-ray assign``: give every item of a dataset exactly one SID, on Ray, in one
+streaming pass that never reads back what it wrote.
 
 1. **Encode.** ``items`` stream through a pool of :class:`Encoder` actors
    (``map_batches`` with ``ActorPoolStrategy``); each actor loads the quantizer once
-   and turns a batch of (B, D) embeddings into (B, L) codes, plus the ranked
-   last-level candidates (B, k) when the collision strategy needs them, and the
-   group key (the first L-1 codes, or all L for ``suffix``, packed into an int64).
-2. **Resolve collisions.** ``groupby(group_key).map_groups(...)`` shuffles items by
-   prefix so that each call holds one prefix group and runs the core
-   :func:`~forge_ray.core.sid.collisions.resolve_group` on it (deterministic for a
-   seed whatever the partitioning). Strategy ``none`` skips the shuffle.
-3. **Write** Parquet files straight into SIDS_DIR: ``item_id`` int64, ``codes``
-   list<int64> (raw quantizer codes), ``sid`` list<int64> (final codes, L+1 levels for
-   ``suffix``), ``fallback`` bool (placed by the random fallback).
-4. **Verify** on the written files: rows == input items == distinct item ids
-   (distributed groupby count); otherwise fail and leave no output.
-5. **Export** per Parquet file (Ray tasks): ``export/sid_table/part-00000.csv``
-   (FORGE's ``item_id,c1,c2,c3``) and ``export/sid_tokens/part-00000.csv`` (``item_id,sid``
-   with ``C{c+offset}`` token strings). Every part has a header.
+   (onto its GPU when the pool reserves one and the actor sees CUDA) and turns a batch
+   of (B, D) embeddings into (B, L) codes, plus the ranked last-level candidates
+   (B, k) when the collision strategy needs them, and the group key (the first L-1
+   codes, or all L for ``suffix``, packed into an int64).
+2. **Resolve and write** (:func:`write_block`, Ray tasks). Strategy ``none``: batches
+   of ``DEFAULT_ROWS_PER_SHARD`` rows. Other strategies: rows are hash-partitioned by
+   group key (``repartition(keys=...)``: one block per partition, holding whole
+   groups) and each block's groups are resolved by the core
+   :func:`~forge_ray.core.sid.collisions.resolve_groups` (deterministic for a seed
+   whatever the partitioning; it checks each resolved group against the strategy's
+   guarantee). Each task writes one Parquet part, ``item_id`` int64, ``codes``
+   list<int64> (raw quantizer codes), ``sid`` list<int64> (final codes, L+1 levels
+   for ``suffix``), ``fallback`` bool, and with ``export`` the part's two CSVs
+   (``export/sid_table``: FORGE's ``item_id,c1,c2,c3``; ``export/sid_tokens``:
+   ``item_id,sid`` with ``C{c+offset}`` tokens; headers in every part) from the same
+   arrays. It returns a one-row summary: rows, an order-independent checksum of its
+   item ids (:func:`id_checksum`), moved / fallback counts and the SID histograms of
+   its groups (for ``none``: its packed SIDs, counted by one key-only groupby).
+3. **Check** on the driver: rows and checksums of what the writers wrote equal those
+   of the input ids (a driver thread reads only the input's ``item_id`` column while
+   the pipeline runs), so every input item has exactly one SID; otherwise InputError and
+   no output. Parts land in staging names and are renamed ``part-<i>`` in first-item
+   order only after the check, so a retried task's orphan file is never part of the
+   table.
 
 Memory: an encoder actor holds the quantizer plus one batch (B x max(K) costs); a
-collision call holds one prefix group (n x k candidates); the driver holds only
-counts. The output is written into a temporary sibling and renamed at the end
-(:func:`~forge_ray.io.atomic_dir`).
+writer holds one block (a partition: about ``ROWS_PER_PARTITION`` rows x (L + k)
+codes); the driver holds one summary row per part. The output is written into a
+temporary sibling and renamed at the end (:func:`~forge_ray.io.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +54,19 @@ from forge_ray.config import require, to_dict
 from forge_ray.core.quantize.base import Quantizer
 from forge_ray.core.quantize.registry import load_quantizer, quantizer_dim
 from forge_ray.core.sid.codes import pack_codes
-from forge_ray.core.sid.collisions import CollisionConfig, group_levels, resolve_group
-from forge_ray.core.sid.metrics import histogram_quality
+from forge_ray.core.sid.collisions import CollisionConfig, group_levels, resolve_groups
 from forge_ray.core.sid.export import SidTableWriter, SidTokenWriter
+from forge_ray.core.sid.metrics import histogram_quality
 from forge_ray.data.schema import DEFAULT_ROWS_PER_SHARD, embeddings_to_numpy
-from forge_ray.distributed.dataset import dataset_manifest, read_items
+from forge_ray.distributed.dataset import dataset_manifest, parquet_rows, read_items
 from forge_ray.distributed.remote_errors import surface_user_errors
-from forge_ray.distributed.sid_counts import key_counts
+from forge_ray.distributed.sid_counts import items_per_key
 from forge_ray.errors import ConfigError, InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
 from forge_ray.sid_table import EXPORTS, SIDS_KIND, codes_array, export_paths, list_codes, sid_files
 
 ROWS_PER_PARTITION = 1_000_000  # shuffle partition size of the groupbys
+WRITER_CPUS = 0.25  # a writer is mostly Parquet/CSV encoding: let it run beside the actors
 
 
 @dataclasses.dataclass
@@ -63,8 +75,8 @@ class ActorPoolConfig:
 
     actors: pool size.  cpus_per_actor: logical CPUs each actor reserves (fractional
     values let several actors share a core; torch uses max(1, floor(cpus)) threads).
-    gpus_per_actor: GPUs reserved per actor (the core quantizers compute on CPU tensors,
-    so this only places actors on GPU nodes).  batch_size: rows per batch.
+    gpus_per_actor: GPUs reserved per actor; an actor that has one (and sees CUDA)
+    computes on it.  batch_size: rows per batch (raise it to fill a GPU).
     """
 
     actors: int = 2
@@ -91,18 +103,15 @@ class AssignConfig:
 
     collisions: the collision strategy (core :class:`CollisionConfig`).
     pool: the encoder actor pool.
-    partitions: shuffle partitions of the groupbys (0: one per 1M items).
-    export: write the CSV exports under ``export/``.
-    fail_once_marker: TEST HOOK. When set and that file does not exist, the first
-        encoder batch creates it and kills its actor process (``os._exit``), to check
-        that Ray Data's retry neither loses nor duplicates items. Leave empty.
+    partitions: shuffle partitions of the collision groupby (0: one per 1M items);
+        also the number of Parquet parts for strategies other than ``none``.
+    export: write the CSV exports under ``export/`` (in the same pass).
     """
 
     collisions: CollisionConfig = dataclasses.field(default_factory=CollisionConfig)
     pool: ActorPoolConfig = dataclasses.field(default_factory=ActorPoolConfig)
     partitions: int = 0
     export: bool = True
-    fail_once_marker: str = ""
 
     def __post_init__(self):
         require(self.partitions >= 0, "partitions must be >= 0")
@@ -110,74 +119,166 @@ class AssignConfig:
 
 # ----------------------------------------------------------------------------- arrays
 
+_MASK64 = (1 << 64) - 1
+
+
 def partitions_for(rows: int, configured: int = 0) -> int:
     return configured or max(1, math.ceil(rows / ROWS_PER_PARTITION))
+
+
+def id_checksum(item_ids: np.ndarray) -> tuple[int, int, int]:
+    """(rows, sum, xor) of a 64-bit hash (splitmix64's finaliser) of each item id.
+
+    Order-independent and additive: the checksum of a union of disjoint blocks is
+    (sum of rows, sum mod 2**64, xor) of theirs (:func:`combine_checksums`). A lost,
+    duplicated or changed id changes the row count or the sum (an id added twice
+    leaves the xor unchanged, and the xor also guards the sum: both are kept).
+    """
+    z = np.asarray(item_ids, dtype=np.int64).view(np.uint64)
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (int(z.size), int(z.sum(dtype=np.uint64)) if z.size else 0,
+            int(np.bitwise_xor.reduce(z)) if z.size else 0)
+
+
+def combine_checksums(parts) -> tuple[int, int, int]:
+    """The :func:`id_checksum` of the union of disjoint blocks, from theirs."""
+    rows = total = xor = 0
+    for n, s, x in parts:
+        rows, total, xor = rows + int(n), (total + int(s)) & _MASK64, xor ^ int(x)
+    return rows, total, xor
+
+
+def _small_ints(values: np.ndarray, width: int, limit: int) -> pa.FixedSizeListArray:
+    """(n, width) ints in [-1, limit) -> the narrowest fixed-size list column (the
+    candidates cross the shuffle: int16 is a quarter of the bytes of int64)."""
+    dtype = np.int16 if limit <= np.iinfo(np.int16).max else np.int32
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values, dtype=dtype).ravel()),
+                                             width)
 
 
 # ----------------------------------------------------------------------------- actors
 
 class QuantizerActor:
-    """Loads the quantizer once per actor and limits torch to the reserved CPUs."""
+    """Loads the quantizer once per actor, on ``cuda`` when the actor reserved a GPU and
+    sees one (``cpu`` otherwise), and limits torch to the reserved CPUs."""
 
-    def __init__(self, model_dir: str, cpus: float):
+    def __init__(self, model_dir: str, cpus: float, gpus: float = 0.0):
         import torch
 
         torch.set_num_threads(max(1, int(cpus)))
-        self.quantizer = load_quantizer(model_dir)
+        self.device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.quantizer = load_quantizer(model_dir, device=self.device)
         self.sizes = list(self.quantizer.sizes)
 
 
 class Encoder(QuantizerActor):
-    """Batch of items -> ``item_id, codes, group_key`` (+ ``candidates``)."""
+    """Batch of items -> ``item_id, codes`` (+ ``group_key``, + ``candidates``)."""
 
-    def __init__(self, model_dir: str, cpus: float, candidates: int, key_levels: int,
-                 fail_once_marker: str = ""):
-        super().__init__(model_dir, cpus)
+    def __init__(self, model_dir: str, cpus: float, candidates: int, key_levels: int | None,
+                 gpus: float = 0.0):
+        super().__init__(model_dir, cpus, gpus)
         self.k = candidates
         self.key_levels = key_levels
-        self.fail_once_marker = fail_once_marker
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.fail_once_marker:
-            try:  # exclusive create: exactly one batch of the whole run crashes, once
-                with open(self.fail_once_marker, "x"):
-                    pass
-                os._exit(1)
-            except FileExistsError:
-                pass
         x = embeddings_to_numpy(batch["embedding"])
         if self.k:
             codes, cand = self.quantizer.rank_last_level(x, self.k)
         else:
             codes, cand = self.quantizer.encode(x), None
-        key = (pack_codes(codes[:, :self.key_levels], self.sizes[:self.key_levels])
-               if self.key_levels else np.zeros(len(codes), dtype=np.int64))
-        cols = {"item_id": batch["item_id"], "codes": codes_array(codes), "group_key": key}
+        cols = {"item_id": batch["item_id"], "codes": codes_array(codes)}
+        if self.key_levels is not None:  # None: strategy none, no groups
+            cols["group_key"] = (pack_codes(codes[:, :self.key_levels], self.sizes[:self.key_levels])
+                                 if self.key_levels else np.zeros(len(codes), dtype=np.int64))
         if cand is not None:
-            cols["candidates"] = codes_array(cand)
+            cols["candidates"] = _small_ints(cand, self.k, self.sizes[-1])
         return pa.table(cols)
 
 
-def resolve_prefix_group(group: pa.Table, cfg: CollisionConfig, n_levels: int,
-                         last_size: int) -> pa.Table:
-    """``map_groups`` body: one prefix group -> ``item_id, codes, sid, fallback``."""
-    ids = group["item_id"].to_numpy().astype(np.int64)
-    codes = list_codes(group["codes"], n_levels)
-    cand = None
-    if "candidates" in group.column_names:
-        col = group["candidates"].combine_chunks()
-        cand = list_codes(col, len(col[0]) if len(col) else 0)
-    try:
-        res = resolve_group(ids, codes, cand, cfg, last_size=last_size)
-    except ValueError as e:  # e.g. a prefix with more than cap x K items
-        raise ConfigError("collisions", str(e)) from None
-    return pa.table({"item_id": ids, "codes": codes_array(codes), "sid": codes_array(res.codes),
-                     "fallback": res.fallback})
+# ----------------------------------------------------------------------------- writers
+
+@dataclasses.dataclass(frozen=True)
+class PartSpec:
+    """What every writer task needs: the input ``dataset`` (for messages), the
+    ``staging`` folder, quantizer code ``sizes``, the collision config and whether to
+    write the CSV exports."""
+
+    dataset: str
+    staging: str
+    sizes: tuple[int, ...]
+    collisions: CollisionConfig
+    export: bool
 
 
-def _no_collisions(batch: pa.Table) -> pa.Table:
-    return pa.table({"item_id": batch["item_id"], "codes": batch["codes"], "sid": batch["codes"],
-                     "fallback": np.zeros(batch.num_rows, dtype=bool)})
+SUMMARY = pa.schema([("part", pa.string()), ("first_id", pa.int64()), ("rows", pa.int64()),
+                     ("id_sum", pa.uint64()), ("id_xor", pa.uint64()), ("moved", pa.int64()),
+                     ("fallback", pa.int64()), ("suffix_size", pa.int64()),
+                     ("before", pa.list_(pa.int64())), ("after", pa.list_(pa.int64())),
+                     ("sid_keys", pa.list_(pa.int64()))])
+
+
+def write_block(block: pa.Table, spec: PartSpec) -> pa.Table:
+    """One block of encoded rows -> resolved, written as one Parquet part plus its
+    exports under staging names; returns its one-row :data:`SUMMARY`.
+
+    The block holds whole collision groups (strategy ``none``: any rows). ``before`` /
+    ``after`` are its items-per-SID histograms (empty for ``none``, whose packed SIDs
+    go out in ``sid_keys`` instead); ``suffix_size`` its largest suffix + 1.
+    """
+    n, sizes, coll = block.num_rows, list(spec.sizes), spec.collisions
+    if n == 0:
+        return SUMMARY.empty_table()
+    ids = block["item_id"].to_numpy().astype(np.int64)
+    codes = list_codes(block["codes"], len(sizes))
+    before = after = keys = np.zeros(0, dtype=np.int64)
+    if coll.strategy == "none":
+        if np.unique(ids).size != n:
+            raise InputError(spec.dataset, "duplicate item ids in the dataset's items")
+        sid, fallback, keys = codes, np.zeros(n, dtype=bool), pack_codes(codes, sizes)
+    else:
+        cand = None
+        if "candidates" in block.column_names:
+            col = block["candidates"].combine_chunks()
+            cand = col.flatten().to_numpy().reshape(n, -1).astype(np.int64)
+        try:
+            res = resolve_groups(ids, codes, cand, coll, last_size=sizes[-1])
+        except ValueError as e:  # e.g. a prefix with more than cap x K items
+            raise ConfigError("collisions", str(e)) from None
+        sid, fallback, before, after = res.codes, res.fallback, res.before, res.after
+    stem = uuid.uuid4().hex  # a retried task writes new files; only summarised ones are kept
+    staging = Path(spec.staging)
+    pq.write_table(pa.table({"item_id": ids, "codes": codes_array(codes), "sid": codes_array(sid),
+                             "fallback": fallback}), staging / f"{stem}.parquet")
+    suffix_size = int(sid[:, -1].max()) + 1 if coll.strategy == "suffix" else 0
+    if spec.export:
+        sid_sizes = sizes + ([suffix_size] if suffix_size else [])
+        for name, writer in (("sid_table", SidTableWriter), ("sid_tokens", SidTokenWriter)):
+            with writer(staging / f"{stem}.{name}.csv", sid_sizes) as w:
+                w.write(ids, sid)
+    rows, id_sum, id_xor = id_checksum(ids)
+    one = {"part": [stem], "first_id": [int(ids.min())], "rows": [rows], "id_sum": [id_sum],
+           "id_xor": [id_xor], "moved": [int((sid[:, :len(sizes)] != codes).any(axis=1).sum())],
+           "fallback": [int(fallback.sum())], "suffix_size": [suffix_size],
+           "before": [list(map(int, before))], "after": [list(map(int, after))]}
+    return pa.table({**{k: pa.array(v, type=SUMMARY.field(k).type) for k, v in one.items()},
+                     "sid_keys": _one_list(keys)}, schema=SUMMARY)
+
+
+def _one_list(values: np.ndarray) -> pa.ListArray:
+    """(n,) int64 -> a one-row list<int64> column (no Python ints in between)."""
+    values = np.asarray(values, dtype=np.int64)
+    return pa.ListArray.from_arrays(pa.array([0, values.size], pa.int32()), pa.array(values))
+
+
+def _input_checksum(files: list[str]) -> tuple[int, int, int]:
+    """:func:`id_checksum` of the input Parquet files, reading their ``item_id`` column
+    only, one file at a time (memory: one file's ids). Runs in a driver thread beside
+    the pipeline: Arrow reads without the GIL, and no Ray worker has to start for it."""
+    return combine_checksums(id_checksum(pq.read_table(p, columns=["item_id"])["item_id"].to_numpy())
+                             for p in files)
 
 
 # ----------------------------------------------------------------------------- stage
@@ -211,94 +312,99 @@ def assign(model_dir: str | os.PathLike, dataset: str | os.PathLike, out: str | 
     if coll.needs_candidates and coll.candidates > sizes[-1]:
         coll = dataclasses.replace(coll, candidates=sizes[-1])  # cannot rank more than K codes
 
-    items = read_items(dataset, columns=["item_id", "embedding"])
-    n_in = items.count()
-    parts = partitions_for(n_in, cfg.partitions)
-    key_levels = group_levels(coll.strategy, len(sizes))
+    input_files = sorted(str(p) for p in (Path(dataset) / "items").glob("*.parquet"))
+    parts = partitions_for(parquet_rows(Path(dataset) / "items"), cfg.partitions)
     pool = cfg.pool
-    # Streaming re-blocking to batch-sized blocks: a shard is one block, and a dataset
-    # of a few shards would otherwise feed only that many of the pool's actors.
-    encoded = items.repartition(target_num_rows_per_block=pool.batch_size).map_batches(
-        Encoder, fn_constructor_kwargs={
-            "model_dir": os.fspath(model_dir), "cpus": pool.cpus_per_actor,
-            "candidates": coll.candidates if coll.needs_candidates else 0,
-            "key_levels": key_levels, "fail_once_marker": cfg.fail_once_marker},
-        **pool.map_args())
-    if coll.strategy == "none":
-        resolved = encoded.map_batches(_no_collisions, batch_format="pyarrow")
-    else:
-        resolved = encoded.groupby("group_key", num_partitions=parts).map_groups(
-            resolve_prefix_group, batch_format="pyarrow",
-            fn_kwargs={"cfg": coll, "n_levels": len(sizes), "last_size": sizes[-1]})
+    encoder_args = {"model_dir": os.fspath(model_dir), "cpus": pool.cpus_per_actor,
+                    "gpus": pool.gpus_per_actor,
+                    "candidates": coll.candidates if coll.needs_candidates else 0,
+                    "key_levels": None if coll.strategy == "none" else group_levels(coll.strategy,
+                                                                                    len(sizes))}
 
     with atomic_dir(out, overwrite, kind=SIDS_KIND, inputs=(model_dir, dataset)) as tmp:
-        with surface_user_errors():
-            # whole shards, not one small file per batch-sized block
-            resolved.write_parquet(str(tmp), min_rows_per_file=DEFAULT_ROWS_PER_SHARD)
-            stats = _verify(tmp, n_in, sizes, coll.strategy, parts, cfg.export)
+        staging = tmp / ".parts"
+        staging.mkdir()
+        spec = PartSpec(os.fspath(dataset), str(staging), tuple(sizes), coll, cfg.export)
+        with ThreadPoolExecutor(1) as reader:
+            want = reader.submit(_input_checksum, input_files)  # runs beside the pipeline
+            with surface_user_errors():
+                summaries, sid_hist = _run_pipeline(dataset, pool, encoder_args, spec, parts)
+        stats = _check(out, summaries, want.result(), sizes, sid_hist)
+        _place_parts(tmp, summaries, cfg.export)
+        shutil.rmtree(staging)
         return write_manifest(
             tmp, SIDS_KIND, model=os.fspath(Path(model_dir).resolve()),
             dataset=os.fspath(Path(dataset).resolve()), sizes=stats["sid_sizes"], code_sizes=sizes,
             strategy=coll.strategy, collisions=to_dict(coll), config=to_dict(cfg),
-            counts={"input_items": n_in, "items": stats["items"],
-                    "distinct_items": stats["distinct_items"]},
-            collision_stats=stats["collision_stats"], exports=stats["exports"])
+            counts={"input_items": stats["input_items"], "items": stats["items"],
+                    "distinct_items": stats["items"]},
+            collision_stats=stats["collision_stats"],
+            exports={**EXPORTS, "rows": stats["items"]} if cfg.export else None)
 
 
-def _verify(folder: Path, n_in: int, sizes: list[int], strategy: str, parts: int,
-            export: bool) -> dict:
-    """Check that every input item has exactly one SID on the written table (rows,
-    distinct ids), count moved/fallback items, SID sharing before/after, and write the
-    exports. Raises InputError (so the output is discarded) on any mismatch."""
-    files = sid_files(folder)
-    table = read_sid_table(folder)
-    rows = table.count()
-    counts = key_counts(table, sizes, strategy == "suffix", parts)
-    distinct = int(counts.hist[0].sum())
-    if not rows == distinct == n_in or counts.hist[0].size > 2:
-        raise InputError(folder.parent, f"SID table is inconsistent: {n_in} input items, {rows} rows, "
-                                        f"{distinct} distinct item ids (duplicate item ids in the "
-                                        "dataset, or lost/duplicated rows)")
-    suffix_size = len(counts.levels[2][-1]) if strategy == "suffix" else None
-    sid_sizes = sizes + ([suffix_size] if suffix_size else [])
-    export_dir = folder / "export" if export else None
-    if export_dir:
+def _run_pipeline(dataset, pool: ActorPoolConfig, encoder_args: dict, spec: PartSpec,
+                  parts: int) -> tuple[list[dict], np.ndarray | None]:
+    """Encode, resolve and write in one streaming Ray Data job -> (one summary dict per
+    written part, items-per-SID histogram for strategy ``none`` else None). Call it
+    inside :func:`surface_user_errors`: a dataset keeps the Ray Data context it was
+    built in."""
+    none = spec.collisions.strategy == "none"
+    write_args = {"fn_kwargs": {"spec": spec}, "batch_format": "pyarrow", "num_cpus": WRITER_CPUS}
+    # Streaming re-blocking to batch-sized blocks: a shard is one block, and a dataset
+    # of a few shards would otherwise feed only that many of the pool's actors.
+    encoded = read_items(dataset, columns=["item_id", "embedding"]).repartition(
+        target_num_rows_per_block=pool.batch_size).map_batches(
+        Encoder, fn_constructor_kwargs=encoder_args, **pool.map_args())
+    if none:  # no groups: whole shards straight from the encoders
+        written = encoded.map_batches(write_block, batch_size=DEFAULT_ROWS_PER_SHARD, **write_args)
+    else:  # one block per partition, whole groups in each
+        written = encoded.repartition(parts, keys=["group_key"]).map_batches(
+            write_block, batch_size=None, **write_args)
+    written = written.materialize()  # the summaries (and, for none, the packed SIDs)
+    summaries = written.drop_columns(["sid_keys"]).take_all()
+    return summaries, items_per_key(written, "sid_keys", parts) if none else None
+
+
+def _check(out, summaries: list[dict], want: tuple[int, int, int], sizes: list[int],
+           sid_hist: np.ndarray | None) -> dict:
+    """Compare the writers' rows and id checksum with the input's, ``want`` (InputError
+    when they differ: the output is discarded) and total the collision statistics."""
+    got = combine_checksums((s["rows"], s["id_sum"], s["id_xor"]) for s in summaries)
+    if got != want:
+        raise InputError(out, f"SID table is inconsistent: {got[0]} rows written for {want[0]} input "
+                              f"items, item-id checksum {got[1]:016x}/{got[2]:016x} written vs "
+                              f"{want[1]:016x}/{want[2]:016x} read (items lost, duplicated or "
+                              "changed on the way); nothing was written")
+    if sid_hist is None:
+        before, after = (_sum_hists(s[k] for s in summaries) for k in ("before", "after"))
+    else:
+        before = after = sid_hist
+    suffix_size = max((s["suffix_size"] for s in summaries), default=0)
+    stats = {"moved": sum(s["moved"] for s in summaries),
+             "fallback": sum(s["fallback"] for s in summaries),
+             "before": histogram_quality(before), "after": histogram_quality(after)}
+    return {"input_items": want[0], "items": got[0], "collision_stats": stats,
+            "sid_sizes": sizes + ([suffix_size] if suffix_size else [])}
+
+
+def _sum_hists(hists) -> np.ndarray:
+    total = np.zeros(1, dtype=np.int64)
+    for h in hists:
+        if len(h) > total.size:
+            total = np.r_[total, np.zeros(len(h) - total.size, dtype=np.int64)]
+        total[:len(h)] += np.asarray(h, dtype=np.int64)
+    return total
+
+
+def _place_parts(folder: Path, summaries: list[dict], export: bool) -> None:
+    """Move the summarised parts from staging to ``part-<i>`` names, in first-item order
+    (export part i holds the rows of Parquet part i, in the same order)."""
+    staging = folder / ".parts"
+    if export:
         for sub in ("sid_table", "sid_tokens"):
-            (export_dir / sub).mkdir(parents=True)
-    scans = ray.get([_scan_file.remote(p, i, export_dir and str(folder), sizes, sid_sizes)
-                     for i, p in enumerate(files)])
-    scanned = {k: sum(s[k] for s in scans) for k in ("rows", "moved", "fallback")}
-    if scanned["rows"] != rows:
-        raise InputError(folder.parent, f"exported {scanned['rows']} rows, expected {rows}")
-    stats = {"moved": scanned["moved"], "fallback": scanned["fallback"],
-             "before": histogram_quality(counts.hist[1]),
-             "after": histogram_quality(counts.hist[2])}
-    exports = {**EXPORTS, "rows": rows} if export_dir else None
-    return {"items": rows, "distinct_items": distinct, "sid_sizes": sid_sizes,
-            "collision_stats": stats, "exports": exports}
-
-
-@ray.remote(num_cpus=0.25)
-def _scan_file(path: str, index: int, table_dir: str | None, sizes: list[int], sid_sizes: list[int]) -> dict:
-    """One Parquet part: count rows / moved / fallback items and, with ``table_dir``,
-    write that part's CSV of each export (``part-<index>.csv``: idempotent on retry)."""
-    out = {"rows": 0, "moved": 0, "fallback": 0}
-    writers = []
-    if table_dir:
-        table_csv, tokens_csv = export_paths(table_dir, index)
-        writers = [SidTableWriter(table_csv, sid_sizes), SidTokenWriter(tokens_csv, sid_sizes)]
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=65536,
-                                                       columns=["item_id", "codes", "sid", "fallback"]):
-            ids = batch.column("item_id").to_numpy().astype(np.int64)
-            codes = list_codes(batch.column("codes"), len(sizes))
-            sid = list_codes(batch.column("sid"), len(sid_sizes))
-            out["rows"] += len(ids)
-            out["moved"] += int((sid[:, :len(sizes)] != codes).any(axis=1).sum())
-            out["fallback"] += int(np.asarray(batch.column("fallback")).sum())
-            for w in writers:
-                w.write(ids, sid)
-    finally:
-        for w in writers:
-            w.close()
-    return out
+            (folder / "export" / sub).mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(sorted(summaries, key=lambda s: s["first_id"])):
+        os.replace(staging / f"{s['part']}.parquet", folder / f"part-{i:05d}.parquet")
+        if export:
+            for name, dest in zip(("sid_table", "sid_tokens"), export_paths(folder, i)):
+                os.replace(staging / f"{s['part']}.{name}.csv", dest)

@@ -1,7 +1,8 @@
 """Items per item id, per raw SID and per final SID, counted on Ray (one ``groupby``).
 
-Used by ``assign`` (its exactly-once check and collision statistics) and by
-``sid-metrics``. A ``map_batches`` pass turns the count table into per-batch partial
+:func:`key_counts` is ``sid-metrics``'s; ``assign`` counts items per SID with
+:func:`items_per_key` only for strategy ``none`` (other strategies count inside their
+collision groups). A ``map_batches`` pass turns the count table into per-batch partial
 histograms (SIDs holding v items) and per-level code counts, which the driver sums
 while streaming: it holds O(max items per SID + sum(sizes)) numbers, never the
 per-SID table.
@@ -57,6 +58,34 @@ def key_counts(table: ray.data.Dataset, sizes: list[int], suffix: bool, parts: i
             lv.append(acc.get((k, n_levels), np.zeros(1, dtype=np.int64)))
         levels[k] = lv
     return KeyCounts(hist, levels)
+
+
+def items_per_key(table: ray.data.Dataset, column: str, parts: int) -> np.ndarray:
+    """hist[v] = number of distinct keys holding v items, over every key in the
+    list<int64> column ``column`` of ``table`` (one key-only groupby; the driver sums
+    partial histograms: O(max items per key) numbers)."""
+    flat = table.select_columns([column]).map_batches(
+        _flatten, batch_format="pyarrow", fn_kwargs={"column": column})
+    partial = flat.groupby("key", num_partitions=parts).count().map_batches(
+        _count_hist, batch_format="pyarrow")
+    hist = np.zeros(1, dtype=np.int64)
+    for batch in partial.iter_batches(batch_format="numpy", batch_size=None):
+        for v, n in zip(batch["items"], batch["n"]):
+            if v >= hist.size:
+                hist = np.r_[hist, np.zeros(int(v) + 1 - hist.size, dtype=np.int64)]
+            hist[v] += n
+    return hist
+
+
+def _flatten(batch: pa.Table, column: str) -> pa.Table:
+    return pa.table({"key": batch[column].combine_chunks().flatten()})
+
+
+def _count_hist(batch: pa.Table) -> pa.Table:
+    """Per-key counts -> rows (items, n): n keys hold that many items."""
+    hist = np.bincount(batch["count()"].to_numpy().astype(np.int64))
+    v = np.flatnonzero(hist)
+    return pa.table({"items": v.astype(np.int64), "n": hist[v].astype(np.int64)})
 
 
 def _padded(arr: np.ndarray | None, size: int) -> np.ndarray:

@@ -1,12 +1,14 @@
 """forge-ray assign on a real 2-node Ray cluster: same table as the in-process core
-path, every collision strategy keeps its invariants, an actor crash loses nothing,
-bad inputs fail cleanly."""
+path, every collision strategy keeps its invariants, an actor crash loses nothing, a
+lost / duplicated / changed item fails the exactly-once check, bad inputs fail cleanly."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,6 +18,7 @@ from forge_ray.core.quantize.rq_kmeans import RQKMeans
 from forge_ray.core.sid.collisions import CollisionConfig, resolve_all
 from forge_ray.core.sid.export import read_sid_table, read_sid_tokens
 from forge_ray.data.schema import ShardWriter, embedding_array, items_schema, sequences_schema
+from forge_ray.distributed import assign as assign_stage
 from forge_ray.distributed.assign import AssignConfig, assign, list_codes
 from forge_ray.errors import InputError
 from forge_ray.io import read_manifest, write_manifest
@@ -29,8 +32,6 @@ DIM = 8
 def make_dataset(folder: Path, n_items: int = 300, dim: int = DIM, seed: int = 0,
                  users: int = 40, unknown_ref: int | None = None) -> Path:
     """Clustered embeddings (so SIDs collide) + random sequences, as a canonical dataset."""
-    import pyarrow as pa
-
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(40, dim)).astype(np.float32)
     x = centers[rng.integers(0, 40, n_items)] + 0.3 * rng.normal(size=(n_items, dim)).astype(np.float32)
@@ -134,17 +135,55 @@ def test_strategy_invariants(ray_cluster, tiny, tmp_path, strategy):
 
 
 @pytest.mark.slow  # ~1.5 min on the shared 2-core box
-def test_actor_crash_loses_and_duplicates_nothing(ray_cluster, tiny, tmp_path):
+def test_actor_crash_loses_and_duplicates_nothing(ray_cluster, tiny, tmp_path, monkeypatch):
     _, _, x, ids = tiny
     marker = tmp_path / "crashed"
     out = tmp_path / "sids"
+
+    class CrashOnce(assign_stage.Encoder):  # a local class: Ray ships it by value
+        def __call__(self, batch):
+            try:  # exclusive create: exactly one batch of the whole run crashes, once
+                with open(marker, "x"):
+                    pass
+                os._exit(1)  # the actor process dies mid-run
+            except FileExistsError:
+                pass
+            return super().__call__(batch)
+
+    monkeypatch.setattr(assign_stage, "Encoder", CrashOnce)
     m = run_assign(tiny, out, **{"collisions.strategy": "cap", "collisions.cap": 3,
-                                 "pool.batch_size": 50, "fail_once_marker": str(marker)})
+                                 "pool.batch_size": 50})
     assert marker.exists()  # an actor really died mid-run
     got_ids, _, sid = read_out(out, 3, 3)
     np.testing.assert_array_equal(got_ids, np.sort(ids))
     assert m["counts"]["distinct_items"] == len(ids)
     assert np.unique(sid, axis=0, return_counts=True)[1].max() <= 3
+
+
+@pytest.mark.parametrize("strategy,fault", [("none", "missing"), ("none", "duplicated"),
+                                            ("cap", "changed")])
+def test_exactly_once_check_catches_lost_duplicated_or_changed_items(ray_cluster, tiny, tmp_path,
+                                                                     monkeypatch, strategy, fault):
+    """A writer that loses a row, runs twice on one block, or writes a wrong item id is
+    caught by the row count + item-id checksum against the input: no output."""
+    real = assign_stage.write_block
+
+    def tampered(block, spec):  # a local function: Ray ships it (and the fault) by value
+        if fault == "missing":
+            return real(block.slice(1), spec)
+        if fault == "duplicated":  # as if a retried writer's first output were kept too
+            return pa.concat_tables([real(block, spec), real(block, spec)])
+        ids = block["item_id"].to_numpy().copy()
+        ids[0] += 1  # ids are 3k + 7: id + 1 is no item of the dataset
+        return real(block.set_column(block.schema.get_field_index("item_id"), "item_id",
+                                     pa.array(ids)), spec)
+
+    monkeypatch.setattr(assign_stage, "write_block", tampered)
+    out = tmp_path / "sids"
+    with pytest.raises(InputError, match="SID table is inconsistent"):
+        run_assign(tiny, out, **{"collisions.strategy": strategy, "collisions.cap": 3,
+                                 "collisions.candidates": 8})
+    assert not out.exists() and not list(tmp_path.glob(".sids*"))
 
 
 def test_bad_inputs(ray_cluster, tiny, tmp_path):
@@ -161,7 +200,7 @@ def test_bad_inputs(ray_cluster, tiny, tmp_path):
     # a prefix group too large for cap x K: one-line error, no output left behind
     cfg = load_config(AssignConfig, None, ["collisions.strategy=random", "collisions.cap=1"])
     bad = make_dataset(tmp_path / "dense", n_items=200, users=2, seed=1)
-    import pyarrow as pa  # every item identical -> one prefix with 200 > 1 x 8 items
+    # every item identical -> one prefix with 200 > 1 x 8 items
     t = pq.read_table(bad / "items")
     one = np.tile(np.ones(DIM, np.float32), (t.num_rows, 1))
     for p in (bad / "items").glob("*.parquet"):

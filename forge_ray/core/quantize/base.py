@@ -51,6 +51,10 @@ class Quantizer(Protocol):
     def save(self, folder: str | os.PathLike) -> None:
         """Write ``quantizer.json`` and weights into ``folder`` (created if missing)."""
 
+    def to(self, device: str) -> "Quantizer":
+        """Compute ``encode`` / ``rank_last_level`` / ``decode`` on ``device`` (``cpu``,
+        ``cuda``) from now on, numpy in and out; returns self."""
+
 
 # ----------------------------------------------------------------------------- nearest codes
 

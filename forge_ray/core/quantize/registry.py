@@ -19,14 +19,15 @@ from forge_ray.errors import InputError
 QUANTIZERS: dict[str, type] = {RQVAE.TYPE: RQVAE, RQKMeans.TYPE: RQKMeans}
 
 
-def load_quantizer(folder: str | os.PathLike) -> Quantizer:
-    """Load any saved quantizer; dispatches on ``quantizer.json``'s ``type``."""
+def load_quantizer(folder: str | os.PathLike, device: str = "cpu") -> Quantizer:
+    """Load any saved quantizer (dispatches on ``quantizer.json``'s ``type``), ready to
+    encode on ``device``."""
     meta = read_quantizer_json(folder)
     cls = QUANTIZERS.get(meta["type"])
     if cls is None:
         raise InputError(Path(folder) / QUANTIZER_FILE,
                          f"unknown quantizer type {meta['type']!r}; known: {', '.join(QUANTIZERS)}")
-    return cls.load(folder)
+    return cls.load(folder).to(device)
 
 
 def quantizer_dim(q: Quantizer) -> int:

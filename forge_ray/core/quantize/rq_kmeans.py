@@ -10,7 +10,9 @@ spread evenly and full-SID collisions drop, at a small cost in reconstruction.
 Memory: ``fit`` on an array keeps the input plus one residual copy (2 x N x D
 float32); ``fit_data`` takes any :class:`~forge_ray.core.quantize.kmeans.KMeansData`
 (e.g. sharded over a cluster). ``encode`` and friends work in batches of
-``batch_size`` rows (``batch_size x max(sizes)`` float32 costs at a time).
+``batch_size`` rows (``batch_size x max(sizes)`` float32 costs at a time), on
+``device`` (:meth:`RQKMeans.to`: codebooks move there once, each batch per call; the
+codes come back as numpy).
 """
 
 from __future__ import annotations
@@ -79,6 +81,14 @@ class RQKMeans:
         self.codebooks: list[np.ndarray] = []
         self.biases: list[np.ndarray] = []
         self.stats: list[list[dict]] = []
+        self.device = "cpu"
+        self._device_tensors = None  # (codebooks, biases) as tensors on self.device
+
+    def to(self, device: str | torch.device) -> "RQKMeans":
+        """Encode on ``device`` (``cpu``, ``cuda``, ...) from now on; returns self."""
+        self.device = str(device)
+        self._device_tensors = None
+        return self
 
     # ------------------------------------------------------------------ fitting
     def fit(self, x: np.ndarray) -> "RQKMeans":
@@ -90,6 +100,7 @@ class RQKMeans:
         """Fit level by level on any KMeansData (in-memory or distributed)."""
         cfg = self.config
         self.codebooks, self.biases, self.stats = [], [], []
+        self._device_tensors = None
         for level, k in enumerate(self.sizes):
             seed = cfg.seed + 1000 * level
             res = kmeans(data, k, niter=cfg.niter, seed=seed, init=cfg.init,
@@ -129,13 +140,18 @@ class RQKMeans:
             raise RuntimeError("RQKMeans is not fitted (call fit or load)")
 
     def _tensors(self):
-        return [as_tensor(c) for c in self.codebooks], [as_tensor(b) for b in self.biases]
+        """Codebooks and biases on ``self.device``, converted once (zero-copy on CPU)."""
+        if self._device_tensors is None:
+            self._device_tensors = ([as_tensor(c).to(self.device) for c in self.codebooks],
+                                    [as_tensor(b).to(self.device) for b in self.biases])
+        return self._device_tensors
 
     def _prefix(self, xb: np.ndarray, levels: int):
         """(B, D) -> ((B, levels) codes, (B, D) residual after those levels)."""
         cbs, biases = self._tensors()
-        r = torch.from_numpy(np.array(xb))  # a copy: updated in place below (and xb may be read-only)
-        codes = torch.empty(len(xb), levels, dtype=torch.int64)
+        # a copy (on CPU): updated in place below, and xb may be read-only
+        r = torch.from_numpy(np.array(xb)).to(self.device)
+        codes = torch.empty(len(xb), levels, dtype=torch.int64, device=self.device)
         for level in range(levels):
             codes[:, level] = nearest_codes(r, cbs[level], "l2", biases[level])
             r -= cbs[level][codes[:, level]]
@@ -145,7 +161,8 @@ class RQKMeans:
         """(N, D) float32 -> (N, L) int64 codes."""
         self._check_fitted()
         x = check_embeddings(x, self.codebooks[0].shape[1])
-        return batched(lambda xb: self._prefix(xb, len(self.sizes))[0].numpy(), x, self.config.batch_size)
+        return batched(lambda xb: self._prefix(xb, len(self.sizes))[0].cpu().numpy(), x,
+                       self.config.batch_size)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(N, L) int64 -> (N, D) float32: the sum of the chosen codes."""
@@ -168,7 +185,7 @@ class RQKMeans:
         def one(xb):
             prefix, r = self._prefix(xb, len(self.sizes) - 1)
             cand = ranked_codes(r, cbs[-1], k, "l2", biases[-1])
-            return torch.cat([prefix, cand[:, :1]], dim=1).numpy(), cand.numpy()
+            return torch.cat([prefix, cand[:, :1]], dim=1).cpu().numpy(), cand.cpu().numpy()
 
         return batched(one, x, self.config.batch_size)
 

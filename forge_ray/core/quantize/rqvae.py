@@ -240,30 +240,33 @@ class RQVAE(nn.Module):
 
     # ------------------------------------------------------------------ numpy Quantizer API
     def _run(self, fn, x: np.ndarray):
-        """Apply ``fn`` to tensor batches in eval mode without grad."""
+        """Apply ``fn`` to tensor batches in eval mode without grad, on the device the
+        weights are on (:meth:`torch.nn.Module.to`): each batch moves there per call."""
         was = self.training
+        device = self.codebooks[0].device
         self.eval()
         try:
             with torch.no_grad():
-                return batched(lambda xb: fn(torch.from_numpy(xb)), x, self.config.encode_batch_size)
+                return batched(lambda xb: fn(torch.from_numpy(xb).to(device)), x,
+                               self.config.encode_batch_size)
         finally:
             self.train(was)
 
     def embed(self, x: np.ndarray) -> np.ndarray:
         """(N, D) -> (N, d) float32 encoder outputs."""
         x = check_embeddings(x, self.config.in_dim)
-        return self._run(lambda xb: self.encoder(xb).numpy(), x)
+        return self._run(lambda xb: self.encoder(xb).cpu().numpy(), x)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """(N, D) float32 -> (N, L) int64 codes (argmin assignment)."""
         x = check_embeddings(x, self.config.in_dim)
-        return self._run(lambda xb: self.quantize(self.encoder(xb))[0].numpy(), x)
+        return self._run(lambda xb: self.quantize(self.encoder(xb))[0].cpu().numpy(), x)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(N, L) int64 -> (N, D) float32 reconstructions decoder(sum of codes)."""
         codes = check_codes(codes, self.sizes)
         return self._run(lambda cb: self.decoder(
-            sum(book[cb[:, i]] for i, book in enumerate(self.codebooks))).numpy(), codes)
+            sum(book[cb[:, i]] for i, book in enumerate(self.codebooks))).cpu().numpy(), codes)
 
     def rank_last_level(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (codes (N, L), candidates (N, k)): last-level codes, nearest first, under
@@ -278,7 +281,7 @@ class RQVAE(nn.Module):
             prefix, _, quantized = self.quantize(z, last)
             r = z - sum(quantized) if quantized else z  # residual left for the last level
             cand = ranked_codes(r, self.codebooks[last], k, self.config.distance)
-            return torch.cat([prefix, cand[:, :1]], dim=1).numpy(), cand.numpy()
+            return torch.cat([prefix, cand[:, :1]], dim=1).cpu().numpy(), cand.cpu().numpy()
 
         return self._run(one, x)
 

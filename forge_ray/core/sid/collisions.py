@@ -1,7 +1,9 @@
 """Collision handling: make items that landed on one full SID fit a per-SID cap.
 
-Every strategy is a pure function of ONE group of items, so that the distributed
-version can run it inside ``groupby(key).map_groups``:
+Every strategy is a pure function of ONE group of items (:func:`resolve_group`), so
+that the distributed version can run it on blocks that hold whole groups
+(:func:`resolve_groups`: only groups with an over-cap SID call it, and each result is
+checked against the strategy's guarantee):
 
 * ``cap``, ``random`` and ``sinkhorn`` only change the LAST level, so their group is a
   *prefix group*: all items sharing the first L-1 codes (:func:`group_levels` = L-1).
@@ -164,44 +166,123 @@ def resolve_group(item_ids: np.ndarray, codes: np.ndarray, candidates: np.ndarra
     return GroupResolution(result, fb)
 
 
+class BlockResolution(NamedTuple):
+    """Result for many whole groups (:func:`resolve_groups`), rows in the caller's order.
+
+    codes: (n, L) int64 new codes ((n, L+1) for ``suffix``).
+    fallback: (n,) bool, items placed by the random fallback.
+    before: before[v] = number of raw full SIDs holding v items.
+    after: after[v] = number of final SIDs holding v items.
+    groups: number of groups.
+    """
+
+    codes: np.ndarray
+    fallback: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+    groups: int
+
+
+def resolve_groups(item_ids: np.ndarray, codes: np.ndarray, candidates: np.ndarray | None,
+                   cfg: CollisionConfig, *, last_size: int, distances: np.ndarray | None = None,
+                   progress: bool = False) -> BlockResolution:
+    """Resolve every group of the rows given, which must hold WHOLE groups (all items
+    sharing a group key, :func:`group_levels`), and check the strategy's guarantee.
+
+    Same arguments and per-row result as :func:`resolve_group` on each group. Only
+    groups that need work call it: a group where no full SID holds more than ``cap``
+    items (``suffix``: more than one) keeps its codes (suffix 0), exactly what
+    :func:`resolve_group` would return. The histograms count SIDs, and since groups
+    are disjoint in SID space, partial histograms of disjoint blocks add up.
+
+    Raises ValueError on duplicate item ids or a group too large for the cap, and
+    RuntimeError when a resolved group breaks the guarantee (``cap``, ``random``,
+    ``sinkhorn``: at most ``cap`` items per final SID; ``suffix``: one item per final
+    SID): a bug, never expected. Memory: O(n x (L + k)).
+    """
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    codes = np.asarray(codes, dtype=np.int64)
+    n, n_levels = codes.shape
+    if item_ids.shape != (n,):
+        raise ValueError(f"codes of shape {codes.shape} do not match {item_ids.shape[0]} item ids")
+    if n and np.unique(item_ids).size != n:
+        raise ValueError("item ids must be unique")
+    key_cols = group_levels(cfg.strategy, n_levels)
+    order = np.lexsort(codes.T[::-1]) if n else np.zeros(0, dtype=np.int64)  # by full SID
+    sc = codes[order]
+    new_sid = np.r_[True, (sc[1:] != sc[:-1]).any(axis=1)] if n else np.zeros(0, dtype=bool)
+    sid_start = np.flatnonzero(new_sid)
+    sid_size = np.diff(np.r_[sid_start, n])  # items per raw SID, in sorted order
+    before = np.bincount(sid_size, minlength=1).astype(np.int64)
+    new_group = (np.r_[True, (sc[1:, :key_cols] != sc[:-1, :key_cols]).any(axis=1)]
+                 if n else np.zeros(0, dtype=bool))
+    starts = np.flatnonzero(new_group)
+    bounds = np.r_[starts, n]
+    out_levels = n_levels + (cfg.strategy == "suffix")
+    out = np.zeros((n, out_levels), dtype=np.int64)
+    out[:, :n_levels] = codes  # suffix 0 for items alone on their SID
+    fallback = np.zeros(n, dtype=bool)
+    if cfg.strategy == "none":
+        return BlockResolution(out, fallback, before, before.copy(), len(starts))
+    limit = 1 if cfg.strategy == "suffix" else cfg.cap
+    group_of = np.cumsum(new_group) - 1  # group index of each sorted row
+    busy = np.zeros(len(starts), dtype=bool)
+    busy[group_of[np.repeat(sid_size, sid_size) > limit]] = True
+    # SIDs of untouched groups keep their item counts
+    after = np.bincount(sid_size[~busy[group_of[sid_start]]], minlength=1).astype(np.int64)
+    for g in tqdm(np.flatnonzero(busy), desc=f"collisions[{cfg.strategy}]", disable=not progress):
+        rows = order[bounds[g]:bounds[g + 1]]
+        res = resolve_group(item_ids[rows], codes[rows],
+                            None if candidates is None else candidates[rows], cfg,
+                            last_size=last_size,
+                            distances=None if distances is None else distances[rows])
+        per_sid = _items_per_sid(res.codes)
+        if per_sid.max() > limit:
+            raise RuntimeError(f"collision strategy {cfg.strategy!r} left {per_sid.max()} items on "
+                               f"one SID under prefix {codes[rows[0], :key_cols].tolist()} "
+                               f"(at most {limit} allowed)")
+        out[rows], fallback[rows] = res.codes, res.fallback
+        after = _add_counts(after, np.bincount(per_sid))
+    return BlockResolution(out, fallback, before, after, len(starts))
+
+
 def resolve_all(item_ids: np.ndarray, codes: np.ndarray, candidates: np.ndarray | None,
                 cfg: CollisionConfig, *, last_size: int, distances: np.ndarray | None = None,
                 progress: bool = False) -> tuple[np.ndarray, dict]:
-    """In-memory convenience: split into groups, :func:`resolve_group` each.
+    """In-memory convenience: :func:`resolve_groups` on the whole input.
 
     Returns (new codes in input row order, stats) where stats holds ``items``,
     ``groups``, ``moved`` (items whose SID changed), ``fallback`` and, for
     ``suffix``, ``suffix_size`` (codes the extra level needs = largest SID group).
     Memory: the whole input (O(N x (L + k))).
     """
-    item_ids = np.asarray(item_ids, dtype=np.int64)
     codes = np.asarray(codes, dtype=np.int64)
     n, n_levels = codes.shape
-    key_cols = group_levels(cfg.strategy, n_levels)
-    keys = codes[:, :key_cols]
-    order = np.lexsort(keys.T[::-1]) if key_cols else np.arange(n)
-    sk = keys[order]
-    starts = np.flatnonzero(np.r_[True, (sk[1:] != sk[:-1]).any(axis=1)]) if n else np.zeros(0, int)
-    bounds = np.r_[starts, n]
-    out_levels = n_levels + (cfg.strategy == "suffix")
-    out = np.empty((n, out_levels), dtype=np.int64)
-    fallback = np.zeros(n, dtype=bool)
-    for g in tqdm(range(len(starts)), desc=f"collisions[{cfg.strategy}]", disable=not progress):
-        rows = order[bounds[g]:bounds[g + 1]]
-        res = resolve_group(item_ids[rows], codes[rows],
-                            None if candidates is None else candidates[rows], cfg,
-                            last_size=last_size,
-                            distances=None if distances is None else distances[rows])
-        out[rows], fallback[rows] = res.codes, res.fallback
-    stats = {"items": int(n), "groups": int(len(starts)),
+    res = resolve_groups(item_ids, codes, candidates, cfg, last_size=last_size,
+                         distances=distances, progress=progress)
+    out = res.codes
+    stats = {"items": int(n), "groups": res.groups,
              "moved": int((out[:, :n_levels] != codes).any(axis=1).sum()),
-             "fallback": int(fallback.sum())}
+             "fallback": int(res.fallback.sum())}
     if cfg.strategy == "suffix":
         stats["suffix_size"] = int(out[:, -1].max() + 1) if n else 0
     return out, stats
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _items_per_sid(codes: np.ndarray) -> np.ndarray:
+    """(n, W) codes -> (S,) items on each distinct row (n >= 1)."""
+    return np.unique(codes, axis=0, return_counts=True)[1]
+
+
+def _add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sum of two histograms of different lengths."""
+    out = np.zeros(max(a.size, b.size), dtype=np.int64)
+    out[:a.size] += a
+    out[:b.size] += b
+    return out
+
 
 def _group_rng(seed: int, key: np.ndarray) -> np.random.Generator:
     """A generator that depends only on the base seed and the group's key codes."""
