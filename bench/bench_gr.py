@@ -85,7 +85,7 @@ def train_bench(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_gr_"))
     try:
         ds, sids, items, codes, users, seqs = build_gr_data(tmp, n_items=48, n_users=args.users)
-        cfg = load_config(TrainGRConfig, "configs/tiny/train_gr.yaml", [
+        cfg = load_config(TrainGRConfig, "configs/ci/train_gr.yaml", [
             f"model.preset={args.preset}", f"train.max_steps={args.steps}", "train.epochs=100",
             f"train.eval_every={args.steps}", "train.log_every=1", "train.valid_beams=0",
             "train.early_stop_metric=valid_loss", f"scale.num_workers={args.workers}",

@@ -209,10 +209,10 @@ def evaluate(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: EvalGRCo
 
 
 def _from_manifest(model_dir: str | os.PathLike, manifest: dict, key: str) -> str:
-    """An input the model's manifest records (relative paths are relative to the model)."""
+    """An input the model's manifest records (``read_manifest`` resolves relative paths)."""
     if not manifest.get(key):
         raise InputError(model_dir, f"the model's manifest records no {key!r}; pass --{key}")
-    return os.fspath(Path(model_dir) / manifest[key])
+    return manifest[key]
 
 
 def _knn_table(cfg: EvalGRConfig, data) -> tuple[np.ndarray, np.ndarray] | str:

@@ -19,7 +19,9 @@ import ray
 import ray.data
 
 from forge_ray.data.schema import embeddings_to_numpy
-from forge_ray.distributed.dataset import read_items, read_pairs
+from forge_ray.data.cooccurrence import cooccurrence_pairs
+from forge_ray.distributed.dataset import read_items, read_pairs, read_sequences
+from forge_ray.errors import InputError
 from forge_ray.distributed.kmeans_ray import ShardedData
 from forge_ray.io import atomic_dir
 
@@ -31,8 +33,31 @@ def _as_tensor(batch: pa.Table, columns: dict[str, str]) -> dict[str, np.ndarray
     return {new: embeddings_to_numpy(batch[old]) for old, new in columns.items()}
 
 
-def training_datasets(dataset, manifest: dict, pairs_dir: Path) -> tuple[dict[str, ray.data.Dataset], bool]:
-    """``{"train": x (B, D)}`` plus ``"pairs": a, b (B, D)`` when the dataset has pairs.
+def _sequence_pairs(batch: pa.Table, window: int) -> pa.Table:
+    a, b = cooccurrence_pairs([np.asarray(s, np.int64) for s in batch["item_ids"].to_pylist()], window)
+    return pa.table({"item_a": a, "item_b": b})
+
+
+def training_pairs(dataset, manifest: dict, pair_window: int) -> tuple[ray.data.Dataset | None, int]:
+    """(item_a, item_b) pair rows and their number: the dataset's ``pairs`` table, or
+    with ``pair_window`` > 0 the co-occurrences of each user's training part
+    (:mod:`forge_ray.data.cooccurrence`; never a validation or test target)."""
+    if pair_window:
+        if not (Path(dataset) / "sequences").is_dir():
+            raise InputError(dataset, "pairs.window needs a sequences table to build pairs from")
+        pairs = read_sequences(dataset, columns=["item_ids"]).map_batches(
+            _sequence_pairs, batch_format="pyarrow", fn_kwargs={"window": pair_window})
+        return pairs, pairs.count()
+    n_pairs = int(manifest.get("counts", {}).get("pairs") or 0)
+    if not n_pairs or not (Path(dataset) / "pairs").is_dir():
+        return None, 0
+    return read_pairs(dataset), n_pairs
+
+
+def training_datasets(dataset, manifest: dict, pairs_dir: Path, pair_window: int = 0
+                      ) -> tuple[dict[str, ray.data.Dataset], int]:
+    """``{"train": x (B, D)}`` plus ``"pairs": a, b (B, D)`` when there are pairs
+    (:func:`training_pairs`), and the number of pairs.
 
     The pairs are joined to both items' embeddings once, with two Ray Data hash
     joins (pairs whose items are missing drop out), written as Parquet to
@@ -43,13 +68,13 @@ def training_datasets(dataset, manifest: dict, pairs_dir: Path) -> tuple[dict[st
     items = read_items(dataset)
     out = {"train": items.map_batches(_as_tensor, batch_format="pyarrow",
                                       fn_kwargs={"columns": {"embedding": "x"}})}
-    n_pairs = int(manifest.get("counts", {}).get("pairs") or 0)
-    if not n_pairs or not (Path(dataset) / "pairs").is_dir():
-        return out, False
+    pairs, n_pairs = training_pairs(dataset, manifest, pair_window)
+    if not n_pairs:
+        return out, 0
     if not pairs_dir.is_dir():
         parts = max(1, math.ceil(n_pairs / ROWS_PER_JOIN_PARTITION))
         emb = items.select_columns(["item_id", "embedding"])
-        joined = read_pairs(dataset)
+        joined = pairs
         for side in ("a", "b"):
             joined = joined.join(
                 emb.rename_columns({"item_id": f"item_{side}", "embedding": f"emb_{side}"}),
@@ -58,7 +83,7 @@ def training_datasets(dataset, manifest: dict, pairs_dir: Path) -> tuple[dict[st
             joined.select_columns(["emb_a", "emb_b"]).write_parquet(os.fspath(tmp))
     out["pairs"] = ray.data.read_parquet(os.fspath(pairs_dir)).map_batches(
         _as_tensor, batch_format="pyarrow", fn_kwargs={"columns": {"emb_a": "a", "emb_b": "b"}})
-    return out, True
+    return out, n_pairs
 
 
 def sample_embeddings(dataset, count: int, dim: int, n: int, seed: int) -> np.ndarray:

@@ -47,6 +47,10 @@ class TrainSidConfig:
 
     epochs / warmup_epochs: when > 0 they set ``train.steps`` / ``train.warmup_steps``
     from the item count (one epoch = items / (batch_size x workers) steps).
+    pair_window: RQ-VAE's contrastive pairs. 0: the dataset's ``pairs`` table (FORGE
+        releases ship one); N > 0: co-occurrences at most N positions apart in each
+        user's training part (all but the last two items), for datasets of
+        interactions only (Amazon reviews).
     """
 
     quantizer: Literal["rqvae", "rq_kmeans", "rq_kmeans_balanced"] = "rqvae"
@@ -55,6 +59,7 @@ class TrainSidConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     epochs: float = 0.0
     warmup_epochs: float = 0.0
+    pair_window: int = 0
     in_process_max_items: int = 1_000_000  # RQ-KMeans: fit in the driver up to this many items
     torch_threads: int = 0  # 0: torch's default; 1 is fastest for tiny models on shared cores
     scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
@@ -67,6 +72,7 @@ class TrainSidConfig:
                 "warmup_epochs must not exceed epochs")
         require(self.in_process_max_items >= 0, "in_process_max_items must be >= 0")
         require(self.torch_threads >= 0, "torch_threads must be >= 0")
+        require(self.pair_window >= 0, "pair_window must be >= 0")
         if self.quantizer == "rq_kmeans_balanced":
             self.rq_kmeans.balanced = True
 
@@ -173,7 +179,7 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
 
     run_dir = storage / name
     fp = fingerprint({"quantizer": "rqvae", "rqvae": to_dict(cfg.rqvae),
-                      "dim": manifest["embedding_dim"]})
+                      "dim": manifest["embedding_dim"], "pair_window": cfg.pair_window})
     existing = _latest_fingerprint(run_dir) if run_dir.is_dir() else None
     if run_dir.is_dir() and not resume:
         raise InputError(run_dir, "training run already exists (pass --resume to continue it, "
@@ -192,10 +198,11 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
                                                cfg.rqvae.kmeans_init_samples,
                                                train.seed)
         model.init_codebooks(sample)
-    datasets, has_pairs = sid_outputs.training_datasets(dataset, manifest,
-                                                        run_dir / "forge_ray" / "pair_embeddings")
+    datasets, n_pairs = sid_outputs.training_datasets(dataset, manifest, run_dir / "forge_ray" / "pair_embeddings",
+                                                      cfg.pair_window)
+    has_pairs = n_pairs > 0
     embedding_mb = manifest["embedding_dim"] * 4 / 2**20  # one float32 embedding
-    embeddings = {"train": items, "pairs": 2 * int(manifest["counts"].get("pairs") or 0)}
+    embeddings = {"train": items, "pairs": 2 * n_pairs}
     datasets = {k: cached_if_small(ds, embeddings[k] * embedding_mb, cfg.scale)
                 for k, ds in datasets.items()}
     loop = {
@@ -217,4 +224,5 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
     return load_quantizer(final), {
         "curves": curves, "steps": total, "run_dir": os.fspath(run_dir),
         "tensorboard": os.fspath(run_dir / "forge_ray" / "tensorboard"),
-        "final": {f"train_{k}": v for k, v in (curves[-1] if curves else {}).items() if k != "step"}}
+        "final": {"contrastive_pairs": n_pairs,
+                  **{f"train_{k}": v for k, v in (curves[-1] if curves else {}).items() if k != "step"}}}

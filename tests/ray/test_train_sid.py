@@ -151,3 +151,27 @@ def test_rq_kmeans_distributed_matches_in_process(ray_cluster, data, tmp_path):
     assert q.config.balanced and manifest["quantizer"] == "rq_kmeans_balanced"
     metrics = json.loads((tmp_path / "km" / "metrics.json").read_text())
     assert metrics["distributed"] and metrics["utilization_l0"] == 1.0
+
+
+def test_contrastive_pairs_from_the_sequences_training_part(ray_cluster, tmp_path):
+    """pair_window=1 on a dataset without a pairs table: the RQ-VAE trains its
+    contrastive objective on the co-occurrences of each user's training part, as many
+    as the core function counts; without sequences it is a one-line error."""
+    from forge_ray.data.cooccurrence import cooccurrence_pairs
+    from forge_ray.data.schema import sequences_schema
+
+    folder, _ = make_dataset(tmp_path / "ds", n_pairs=0)
+    rng = np.random.default_rng(1)
+    ids = np.arange(N, dtype=np.int64) * 3 + 7
+    seqs = [ids[rng.integers(0, N, rng.integers(3, 9))] for _ in range(120)]
+    with ShardWriter(folder / "sequences", sequences_schema(), rows_per_shard=50) as w:
+        w.write(pa.table({"user_id": np.arange(120, dtype=np.int64), "item_ids": seqs}, schema=sequences_schema()))
+    cfg = tiny("train.steps=6", "pair_window=1", "train.pair_batch_size=16", tmp_path=tmp_path)
+    train_sid(folder, tmp_path / "m", cfg)
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["contrastive_pairs"] == len(cooccurrence_pairs(seqs, 1)[0]) > 0
+    logged = read_jsonl(tmp_path / "runs" / "m" / "forge_ray" / "metrics.jsonl")
+    assert any(r.get("contrastive", 0) > 0 for r in logged), logged[-1]
+    no_seq, _ = make_dataset(tmp_path / "ds2", n_pairs=0)
+    with pytest.raises(InputError, match="needs a sequences table"):
+        train_sid(no_seq, tmp_path / "m2", tiny("pair_window=1", tmp_path=tmp_path / "r2"))

@@ -93,7 +93,7 @@ def _prompts(vocab, n, rng):
                       vocab.eos_id) for k in rng.integers(1, 6, n)]
 
 
-@pytest.mark.parametrize("arch", ["t5", "qwen2"])
+@pytest.mark.parametrize("arch", ["t5", "qwen2", "gpt2"])
 def test_real_tiny_models_give_only_valid_sids(toy, arch):
     trie, vocab = toy
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def test_real_tiny_models_give_only_valid_sids(toy, arch):
     assert generated == 48 and 0 <= invalid <= 48
 
 
-@pytest.mark.parametrize("arch", ["t5", "qwen2"])
+@pytest.mark.parametrize("arch", ["t5", "qwen2", "gpt2"])
 def test_cached_step_equals_full_forward(arch):
     """The KV-cached step functions give the log-probs of a full forward pass, also after
     beams are reordered/expanded (parent indices) and with left padding (decoder-only)."""

@@ -30,7 +30,7 @@ def test_config_validation():
     assert model.config.d_model == 128 and model.config.num_heads == 6
 
 
-@pytest.mark.parametrize("arch", ["t5", "qwen2"])
+@pytest.mark.parametrize("arch", ["t5", "qwen2", "gpt2"])
 def test_save_load_round_trip_and_loss(tmp_path, arch):
     vocab = SIDVocab((8, 8, 8))
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def test_unknown_only_history_is_a_clear_error(run):
         rec.recommend([[]])
 
 
-@pytest.mark.parametrize("arch", ["t5", "qwen2"])
+@pytest.mark.parametrize("arch", ["t5", "qwen2", "gpt2"])
 def test_plain_hf_generate_with_the_sid_processor_matches_constrained_search(tmp_path, arch):
     r = make_gr_run(tmp_path, arch=arch)
     rec = Recommender.from_dir(r.model)

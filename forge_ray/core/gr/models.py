@@ -1,13 +1,15 @@
-"""GR model builders: T5 encoder-decoder and Qwen2 decoder-only over a SID vocabulary.
+"""GR model builders: T5 encoder-decoder, Qwen2 and GPT-2 decoder-only over a SID vocabulary.
 
 Models are built from config (no downloads). Presets:
 
 ============  ======  ==========================================================
 preset        arch    dims
 ============  ======  ==========================================================
-tiny          both    d 32, 1+1 (T5) / 2 (Qwen2) layers: CI only
+tiny          all     d 32, 1+1 (T5) / 2 (Qwen2, GPT-2) layers: CI only
 tiger         t5      TIGER: 4+4 layers, d_model 128, d_ff 1024, 6 heads x d_kv 64
 small         qwen2   SASRec/RPG-sized causal decoder: hidden 128, 2 layers, 4 heads, ff 512
+small         gpt2    the same size with SASRec's regularisers: dropout 0.3 on the
+                      embeddings, every residual branch and attention; tied embeddings
 t5-base       t5      FORGE: 12+12 layers, d_model 768, d_ff 3072, 12 heads x 64
 qwen2.5-0.5b  qwen2   FORGE: hidden 896, 24 layers, 14 heads (2 KV), ff 4864
 ============  ======  ==========================================================
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import (Qwen2Config, Qwen2ForCausalLM, T5Config,
+from transformers import (GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM, T5Config,
                           T5ForConditionalGeneration)
 
 from forge_ray.config import require
@@ -34,7 +36,9 @@ from forge_ray.core.gr.constraint import sid_generation_config
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.errors import InputError
 
-Arch = Literal["t5", "qwen2"]
+Arch = Literal["t5", "qwen2", "gpt2"]
+# HF model class per arch; a saved folder's arch is its config's model_type
+_CLASSES = {"t5": T5ForConditionalGeneration, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel}
 MODEL_KIND = "gr_model"  # manifest kind of a saved GR model folder (train-gr's output)
 
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
@@ -50,6 +54,9 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("qwen2", "small"): dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=4, attention_dropout=0.1,
                              max_position_embeddings=1024),
+    ("gpt2", "tiny"): dict(n_embd=32, n_inner=64, n_layer=2, n_head=2, n_positions=1024),
+    ("gpt2", "small"): dict(n_embd=128, n_inner=512, n_layer=2, n_head=4, n_positions=1024,
+                            embd_pdrop=0.3, resid_pdrop=0.3, attn_pdrop=0.3),
     ("qwen2", "qwen2.5-0.5b"): dict(
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
@@ -62,7 +69,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 class GRModelConfig:
     """Which GR model to build.
 
-    arch: ``t5`` (encoder-decoder) or ``qwen2`` (decoder-only).
+    arch: ``t5`` (encoder-decoder), ``qwen2`` or ``gpt2`` (decoder-only).
     preset: a row of the table above valid for ``arch``.
     overrides: HF config fields replacing the preset's (e.g. ``{"num_layers": 2}``).
     pretrained_path: local HF model folder to start from (resized to the SID vocab).
@@ -85,11 +92,13 @@ def hf_config(cfg: GRModelConfig, vocab: SIDVocab) -> T5Config | Qwen2Config:
           "vocab_size": len(vocab), "pad_token_id": vocab.pad_id, "eos_token_id": vocab.eos_id}
     if cfg.arch == "t5":
         return T5Config(decoder_start_token_id=vocab.bos_id, **kw)
+    if cfg.arch == "gpt2":
+        return GPT2Config(bos_token_id=vocab.bos_id, **kw)
     return Qwen2Config(bos_token_id=vocab.bos_id, **kw)
 
 
 def _model_class(arch: str):
-    return T5ForConditionalGeneration if arch == "t5" else Qwen2ForCausalLM
+    return _CLASSES[arch]
 
 
 def build_model(cfg: GRModelConfig, vocab: SIDVocab):
@@ -140,7 +149,9 @@ def load_model(folder: str | os.PathLike):
     vocab = SIDVocab.load(folder)
     from transformers import AutoConfig
 
-    arch = "t5" if AutoConfig.from_pretrained(folder).is_encoder_decoder else "qwen2"
+    arch = AutoConfig.from_pretrained(folder).model_type
+    if arch not in _CLASSES:
+        raise InputError(folder, f"model type {arch!r} is not a GR architecture ({sorted(_CLASSES)})")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise
