@@ -179,7 +179,9 @@ class Encoder(QuantizerActor):
 
     def __init__(self, model_dir: str, cpus: float, candidates: int, key_levels: int | None,
                  gpus: float = 0.0):
-        super().__init__(model_dir, cpus, gpus)
+        # Not zero-argument super(): a test may ship a subclass by value, and this class
+        # with it, whose __class__ cell would then not match the instance's base.
+        QuantizerActor.__init__(self, model_dir, cpus, gpus)
         self.k = candidates
         self.key_levels = key_levels
 
