@@ -39,7 +39,7 @@ def make_dataset(folder, n=N, dim=DIM, n_pairs=512, embeddings=True, seed=0):
         w.write(pa.table(cols, schema=schema))
     by_label = [np.flatnonzero(label == k) for k in range(8)]
     a = rng.integers(0, n, n_pairs)
-    b = np.array([rng.choice(by_label[label[i]]) for i in a])
+    b = np.array([rng.choice(by_label[label[i]]) for i in a], dtype=np.int64)
     with ShardWriter(folder / "pairs", PAIRS_SCHEMA) as w:
         w.write(pa.table({"item_a": ids[a], "item_b": ids[b]}, schema=PAIRS_SCHEMA))
     write_manifest(folder, "dataset", counts={"items": n, "pairs": n_pairs},
