@@ -112,14 +112,11 @@ def history_input_ids(history_codes: Sequence[np.ndarray], vocab: SIDVocab, add_
                       ) -> np.ndarray:
     """Per example (n_i, L) codes -> object array of (n_i * L [+ 1],) int64 token ids."""
     if not len(history_codes):
-        return np.empty(0, dtype=object)
+        return _object_rows([])
     lengths = np.asarray([len(h) for h in history_codes], dtype=np.int64)
     flat = vocab.codes_to_ids(np.concatenate(history_codes)).reshape(-1)
     parts = np.split(flat, np.cumsum(lengths * vocab.n_levels)[:-1])
-    out = np.empty(len(parts), dtype=object)
-    for i, p in enumerate(parts):
-        out[i] = np.append(p, vocab.eos_id) if add_eos else p
-    return out
+    return _object_rows([np.append(p, vocab.eos_id) if add_eos else p for p in parts])
 
 
 def build_examples(user_ids: np.ndarray, item_seqs: Sequence[np.ndarray], table: ItemSIDTable,

@@ -25,8 +25,12 @@ Query = Literal["last", "mean"]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.where(norm > 0, norm, 1.0)).astype(np.float32)
+    """(N, D) -> a float32 copy with unit rows (zero rows stay zero), as sid-metrics' HitRate does."""
+    import faiss
+
+    out = np.array(x, dtype=np.float32, order="C")
+    faiss.normalize_L2(out)
+    return out
 
 
 class ContentKNN:
