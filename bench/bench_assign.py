@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from forge_ray.core.quantize.rq_kmeans import RQKMeans
 from forge_ray.data.schema import ShardWriter, embedding_array, items_schema
 from forge_ray.io import write_manifest
 
+from rss import PeakRss  # bench/rss.py: a script's own folder is on sys.path
+
 
 def timed(fn, repeat=1):
     best = float("inf")
@@ -35,42 +36,6 @@ def timed(fn, repeat=1):
         out = fn()
         best = min(best, time.perf_counter() - t)
     return best, out
-
-
-class PeakRss:
-    """Peak resident memory (bytes) of every ``ray::`` worker process while the block
-    runs, sampled every 0.2 s; ``encoders()`` lists the peaks of the processes that
-    ever ran an ``Encoder`` actor (RSS counts the object-store pages a worker touched)."""
-
-    def __init__(self):
-        self.peak: dict[int, int] = {}
-        self.names: dict[int, set[str]] = {}
-        self._stop = threading.Event()
-
-    def _sample(self):
-        import psutil
-
-        while not self._stop.wait(0.2):
-            for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if not cmd.startswith("ray::") or p.info["memory_info"] is None:
-                    continue
-                pid = p.info["pid"]
-                self.peak[pid] = max(self.peak.get(pid, 0), p.info["memory_info"].rss)
-                self.names.setdefault(pid, set()).add(cmd.split()[0])
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_):
-        self._stop.set()
-        self._thread.join()
-
-    def encoders(self) -> list[int]:
-        return sorted((self.peak[p] for p, n in self.names.items() if any("Encoder" in x for x in n)),
-                      reverse=True)
 
 
 def matmul_gflops(n=2048, repeat=3) -> float:
@@ -130,10 +95,10 @@ def main():
         for strategy in ("none", "cap"):
             cfg = load_config(AssignConfig, None, [f"collisions.strategy={strategy}", "pool.actors=2",
                                                    "pool.batch_size=8192", "partitions=2"])
-            with PeakRss() as rss:
+            with PeakRss(period=0.2) as rss:
                 ray_times[strategy], _ = timed(lambda: assign(tmp / "model", tmp / "data",
                                                               tmp / f"sids_{strategy}", cfg))
-            ray_rss[strategy] = rss.encoders()
+            ray_rss[strategy] = rss.matching("Encoder")
     ray.shutdown()
 
     print(f"items={n} dim={d} sizes={sizes} threads={args.threads}")

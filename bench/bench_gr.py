@@ -9,14 +9,16 @@ Decoding (in this process, the code every eval-gr actor runs): the TIGER-shaped 
 3. forge_ray's beam search with batch size 1 (FORGE's reference predicts one query
    at a time).
 
-Training: optimizer-step tokens/s of ``train-gr``'s Ray Train + DeepSpeed path
-(``--workers`` gloo workers, streamed Ray Data shard) vs a plain single-process
-AdamW loop over the same examples and model. The Ray figure includes Ray Data
-streaming and the all-reduce; startup is excluded (timed from the worker's first to
-last logged step, tokens per second as logged by rank 0).
+Training: optimizer-step tokens/s of ``train-gr``'s Ray Train + DeepSpeed path, one
+run per ``--layouts`` entry (workers x torch threads per worker, DeepSpeed JSON), vs a
+plain single-process AdamW loop (gradient clipping as DeepSpeed's) over the same
+examples, model and global batch. The Ray figure is rank 0's log over the whole loop:
+the wait for the first batch, Ray Data streaming and the all-reduces are included;
+cluster and worker start-up are not.
 
     python bench/bench_gr.py                 # a few minutes on 2 cores
     python bench/bench_gr.py --quick
+    python bench/bench_gr.py --skip-decode --steps 120 --layouts 2x1:zero2.json 2x1:zero1.json 1x2:zero1.json
 No GPU on the development machine: all numbers are CPU.
 """
 
@@ -69,14 +71,40 @@ def decode_bench(args) -> None:
     print(f"  constrained batch 1 : {one:8.1f} queries/s   ratio batched/batch-1 = {ours / one:.2f}")
 
 
-def train_bench(args) -> None:
+def ray_train_rate(ds, sids, tmp: Path, args, layout: str) -> float:
+    """tokens/s of ``train_gr`` for ``layout`` = WORKERSxTHREADS:DEEPSPEED_JSON, as rank 0
+    logs it over the whole run (Ray Data streaming, all-reduces and stalls included)."""
     import ray
 
+    from forge_ray.config import load_config
+    from forge_ray.distributed.train_gr import TrainGRConfig, train_gr
+
+    shape, ds_json = layout.split(":")
+    workers, threads = (int(v) for v in shape.split("x"))
+    cfg = load_config(TrainGRConfig, "configs/ci/train_gr.yaml", [
+        f"model.preset={args.preset}", f"train.max_steps={args.steps}", "train.epochs=100",
+        f"train.eval_every={args.steps}", "train.log_every=1", "train.valid_beams=0",
+        "train.early_stop_metric=valid_loss", f"scale.num_workers={workers}",
+        f"train.micro_batch={args.global_batch // workers}", f"scale.checkpoint_every={args.steps}",
+        f"scale.deepspeed_config={ds_json}", f"scale.torch_threads={threads}",
+        f"scale.cpus_per_worker={min(1.0, 1.0 / workers)}"])
+    out = tmp / layout.replace(":", "_")
+    ray.init(address="local", num_cpus=2 * max(2, workers), include_dashboard=False)
+    try:
+        train_gr(ds, sids, out, cfg)
+    finally:
+        ray.shutdown()
+    logged = [json.loads(x) for x in (Path(f"{out}.runs") / "train_gr" / "logs" / "metrics.jsonl")
+              .read_text().splitlines() if "train/tokens_per_s" in x]
+    return logged[-1]["train/tokens_per_s"]
+
+
+def train_bench(args) -> None:
     from forge_ray.config import load_config
     from forge_ray.core.gr.data import ItemSIDTable, build_examples, collate_seq2seq
     from forge_ray.core.gr.models import build_model
     from forge_ray.core.gr.vocab import SIDVocab
-    from forge_ray.distributed.train_gr import TrainGRConfig, train_gr
+    from forge_ray.distributed.train_gr import TrainGRConfig
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "ray"))
@@ -85,38 +113,29 @@ def train_bench(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_gr_"))
     try:
         ds, sids, items, codes, users, seqs = build_gr_data(tmp, n_items=48, n_users=args.users)
-        cfg = load_config(TrainGRConfig, "configs/ci/train_gr.yaml", [
-            f"model.preset={args.preset}", f"train.max_steps={args.steps}", "train.epochs=100",
-            f"train.eval_every={args.steps}", "train.log_every=1", "train.valid_beams=0",
-            "train.early_stop_metric=valid_loss", f"scale.num_workers={args.workers}",
-            f"train.micro_batch={args.micro_batch}", f"scale.checkpoint_every={args.steps}"])
-        ray.init(address="local", num_cpus=4, include_dashboard=False)
-        train_gr(ds, sids, tmp / "model", cfg)
-        ray.shutdown()
-        logged = [json.loads(x) for x in (tmp / "model.runs" / "train_gr" / "logs" / "metrics.jsonl")
-                  .read_text().splitlines() if "train/tokens_per_s" in x]
-        ray_rate = logged[-1]["train/tokens_per_s"]
+        rates = {layout: ray_train_rate(ds, sids, tmp, args, layout) for layout in args.layouts}
 
+        cfg = load_config(TrainGRConfig, "configs/ci/train_gr.yaml", [f"model.preset={args.preset}"])
         vocab = SIDVocab((4, 4, 4))
         ex, _ = build_examples(users, seqs, ItemSIDTable(items, codes), vocab, "train", 5)
         model = build_model(cfg.model, vocab)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-        mb = args.micro_batch * args.workers  # same global batch
         tokens, t0 = 0, time.perf_counter()
         for step in range(args.steps):
-            idx = np.random.default_rng(step).integers(0, len(ex["labels"]), mb)
+            idx = np.random.default_rng(step).integers(0, len(ex["labels"]), args.global_batch)
             b = collate_seq2seq([ex["input_ids"][i] for i in idx], [ex["labels"][i] for i in idx], vocab)
             loss = model(**b).loss
             opt.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as DeepSpeed's gradient_clipping
             opt.step()
             tokens += int(b["attention_mask"].sum())
         plain = tokens / (time.perf_counter() - t0)
-        print(f"training T5 {args.preset}, global batch {mb}, {args.steps} steps")
-        print(f"  Ray Train + DeepSpeed ({args.workers} workers): {ray_rate:10.0f} tokens/s "
-              "(includes Ray Data streaming and stalls)")
-        print(f"  plain single-process loop            : {plain:10.0f} tokens/s   "
-              f"ratio Ray/plain = {ray_rate / plain:.2f}")
+        print(f"training T5 {args.preset}, global batch {args.global_batch}, {args.steps} steps")
+        print(f"  plain single-process loop ({torch.get_num_threads()} threads): {plain:10.0f} tokens/s")
+        for layout, rate in rates.items():
+            print(f"  Ray Train + DeepSpeed {layout:18s}: {rate:10.0f} tokens/s   ratio Ray/plain = "
+                  f"{rate / plain:.2f}   (WORKERSxTHREADS:JSON; includes Ray Data streaming and stalls)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -131,14 +150,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--users", type=int, default=400)
-    p.add_argument("--micro-batch", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=64, help="examples per optimizer step")
+    p.add_argument("--layouts", nargs="+", default=["2x1:zero2.json"],
+                   help="Ray Train layouts WORKERSxTHREADS:DEEPSPEED_JSON (cluster/deepspeed/), e.g. "
+                        "2x1:zero2.json 2x1:zero1.json 1x2:zero1.json")
+    p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--quick", action="store_true", help="32 queries, 10 training steps")
     args = p.parse_args()
     if args.quick:
         args.queries, args.steps = 32, 10
-    decode_bench(args)
+    if not args.skip_decode:
+        decode_bench(args)
     if not args.skip_train:
         train_bench(args)
 

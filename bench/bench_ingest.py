@@ -25,7 +25,6 @@ import argparse
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,52 +35,10 @@ import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from forge_ray.data.npz import NpzWriter  # noqa: E402
+from rss import PeakRss, ray_workers  # noqa: E402  (bench/rss.py)
 from forge_ray.data.schema import ShardWriter, embedding_array, items_schema  # noqa: E402
 
 MB = 1024 ** 2
-
-
-class RssSampler:
-    """Peak RSS of a set of processes, sampled in a background thread."""
-
-    def __init__(self, select, period: float = 0.05):
-        self.select, self.period = select, period
-        self.peak_one = self.peak_sum = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            for p in self.select():
-                try:
-                    rss = p.memory_info().rss
-                except psutil.Error:
-                    continue
-                total += rss
-                self.peak_one = max(self.peak_one, rss)
-            self.peak_sum = max(self.peak_sum, total)
-            time.sleep(self.period)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def ray_workers() -> list[psutil.Process]:
-    """This driver's Ray worker processes (descendants named ray::...)."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.name().startswith("ray::") or "default_worker.py" in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
 
 
 def write_npz(path: Path, n: int, d: int, block: int = 32_768) -> None:
@@ -141,7 +98,7 @@ def main() -> None:
         ingest([str(warm)], work / "warm_ds", cfg)
         idle = max(p.memory_info().rss for p in ray_workers())
 
-        with RssSampler(ray_workers) as ray_rss:
+        with PeakRss(ray_workers, period=0.05) as ray_rss:
             t = time.perf_counter()
             m = ingest([str(npz)], work / "ray_ds", cfg)
             t_ray = time.perf_counter() - t
@@ -149,7 +106,7 @@ def main() -> None:
         ray.shutdown()
 
         me = psutil.Process()
-        with RssSampler(lambda: [me]) as base_rss:
+        with PeakRss(lambda: [me], period=0.05) as base_rss:
             t = time.perf_counter()
             rows = baseline(npz, work / "base_ds")
             t_base = time.perf_counter() - t

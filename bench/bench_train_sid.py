@@ -3,11 +3,15 @@
 1. RQ-VAE training throughput (samples/s): Ray Train + DeepSpeed with 1 and 2 workers
    vs the plain single-process torch loop (core ``train_rqvae``) on the same model,
    batch and data -> framework overhead ratio and 1 -> 2 worker scaling.
+   ``--forge-size``: instead, FORGE's model (512 -> 256 -> 256 -> 64, 3 x 8192 codes,
+   batch 2048 per worker, contrastive pairs on), 1 vs 2 Ray Train workers at 1 thread
+   each: the data-parallel scaling of one step's compute against its all-reduces.
 2. RQ-KMeans fit time: distributed (Ray tasks over shards) and in-process (core) vs
    ``faiss.ResidualQuantizer`` on identical data and sizes (power-of-2 codebooks),
    with each one's reconstruction MSE.
 
 Usage: python bench/bench_train_sid.py [--items 20000] [--dim 64] [--steps 60]
+       python bench/bench_train_sid.py --forge-size [--items 40000] [--steps 40]
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from forge_ray.config import load_config  # noqa: E402
 from forge_ray.core.quantize.rq_kmeans import RQKMeans, RQKMeansConfig  # noqa: E402
 from forge_ray.core.quantize.rqvae import RQVAE  # noqa: E402
 from forge_ray.core.quantize.train_loop import train_rqvae  # noqa: E402
-from forge_ray.data.schema import ShardWriter, embedding_array, items_schema  # noqa: E402
+from forge_ray.data.schema import PAIRS_SCHEMA, ShardWriter, embedding_array, items_schema  # noqa: E402
 from forge_ray.distributed.kmeans_ray import ShardedData  # noqa: E402
 from forge_ray.distributed.session import ray_session  # noqa: E402
 from forge_ray.distributed.sid_outputs import read_jsonl  # noqa: E402
@@ -38,7 +42,9 @@ from forge_ray.distributed.train_quantizer import TrainSidConfig, train_sid  # n
 from forge_ray.io import write_manifest  # noqa: E402
 
 
-def make_dataset(folder: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
+def make_dataset(folder: Path, n: int, dim: int, seed: int = 0, n_pairs: int = 0) -> np.ndarray:
+    """n clustered (n, dim) items; ``n_pairs`` same-cluster co-occurrence pairs (0: none, so
+    the core loop and Ray Train run the same reconstruction-only steps)."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(64, dim)).astype(np.float32) * 2
     label = rng.integers(0, 64, n)
@@ -47,9 +53,14 @@ def make_dataset(folder: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
     with ShardWriter(folder / "items", schema, rows_per_shard=max(1, n // 8)) as w:
         w.write(pa.table({"item_id": np.arange(n, dtype=np.int64),
                           "embedding": embedding_array(x)}, schema=schema))
-    # No pairs: both paths then run the same reconstruction-only steps.
-    write_manifest(folder, "dataset", counts={"items": n}, embedding_dim=dim,
-                   embedding_dtype="float32")
+    if n_pairs:
+        order = np.argsort(label, kind="stable")  # neighbours in this order share a cluster
+        a = rng.integers(0, n - 1, n_pairs)
+        pairs = np.stack([order[a], order[a + 1]], 1).astype(np.int64)
+        with ShardWriter(folder / "pairs", PAIRS_SCHEMA) as w:
+            w.write(pa.table({"item_a": pairs[:, 0], "item_b": pairs[:, 1]}, schema=PAIRS_SCHEMA))
+    write_manifest(folder, "dataset", counts={"items": n, **({"pairs": n_pairs} if n_pairs else {})},
+                   embedding_dim=dim, embedding_dtype="float32")
     return x
 
 
@@ -57,7 +68,7 @@ def rqvae_bench(ds: Path, x: np.ndarray, work: Path, dim: int, steps: int) -> di
     common = [f"rqvae.in_dim={dim}", "rqvae.hidden_dims=[128]", "rqvae.latent_dim=16",
               "rqvae.sizes=[64,64,64]", "rqvae.kmeans_init_samples=4096", "train.batch_size=256",
               "train.pair_batch_size=256", f"train.steps={steps}", "train.log_every=10",
-              "scale.checkpoint_every=1000000", f"storage_path={work / 'runs'}", "torch_threads=1"]
+              "scale.checkpoint_every=1000000", f"storage_path={work / 'runs'}", "scale.torch_threads=1"]
     out = {}
     cfg = load_config(TrainSidConfig, "configs/ci/train_sid.yaml", common)
     # Baseline: the core single-process loop, same model / batch / steps.
@@ -69,15 +80,37 @@ def rqvae_bench(ds: Path, x: np.ndarray, work: Path, dim: int, steps: int) -> di
     train_rqvae(model, x, None, None, train_cfg)
     out["core_loop_samples_per_s"] = steps * train_cfg.batch_size / (time.perf_counter() - t)
     for workers in (1, 2):
-        cfg = load_config(TrainSidConfig, "configs/ci/train_sid.yaml",
-                          [*common, f"scale.num_workers={workers}", f"run_name=w{workers}"])
-        t = time.perf_counter()
-        train_sid(ds, work / f"model_w{workers}", cfg)
-        wall = time.perf_counter() - t
-        rows = read_jsonl(work / "runs" / f"w{workers}" / "forge_ray" / "metrics.jsonl")
-        rates = [r["samples_per_s"] for r in rows[1:]]  # skip the first window (warm-up)
-        out[f"ray_{workers}w_samples_per_s"] = float(np.median(rates))
-        out[f"ray_{workers}w_stage_wall_s"] = wall
+        rate, wall = ray_rates(ds, work, common, workers)
+        out[f"ray_{workers}w_samples_per_s"], out[f"ray_{workers}w_stage_wall_s"] = rate, wall
+    return out
+
+
+def ray_rates(ds: Path, work: Path, overrides: list[str], workers: int) -> tuple[float, float]:
+    """-> (median samples/s of the workers' log windows after the first, stage wall s)."""
+    cfg = load_config(TrainSidConfig, "configs/ci/train_sid.yaml",
+                      [*overrides, f"scale.num_workers={workers}", f"run_name=w{workers}"])
+    t = time.perf_counter()
+    train_sid(ds, work / f"model_w{workers}", cfg)
+    wall = time.perf_counter() - t
+    rows = read_jsonl(work / "runs" / f"w{workers}" / "forge_ray" / "metrics.jsonl")
+    return float(np.median([r["samples_per_s"] for r in rows[1:]])), wall  # rows[0]: warm-up
+
+
+def forge_size_bench(work: Path, items: int, steps: int) -> dict:
+    """FORGE's RQ-VAE size, pairs on: 1 vs 2 workers (1 thread each)."""
+    make_dataset(work / "ds", items, 512, n_pairs=items)
+    overrides = ["rqvae.in_dim=512", "rqvae.hidden_dims=[256,256]", "rqvae.latent_dim=64",
+                 "rqvae.sizes=[8192,8192,8192]", "rqvae.kmeans_init_samples=16384",
+                 "rqvae.kmeans_init_iters=2", "train.batch_size=2048", "train.pair_batch_size=2048",
+                 "train.loss.mixing=alternate", "train.loss.pair_every=2", f"train.steps={steps}",
+                 "train.log_every=4", "train.warmup_steps=2", "scale.checkpoint_every=1000000",
+                 "scale.cpus_per_worker=0.5", "scale.cache_mb=1024", f"storage_path={work / 'runs'}",
+                 "scale.torch_threads=1"]
+    out = {"items": items, "steps": steps}
+    for workers in (1, 2):
+        rate, wall = ray_rates(work / "ds", work, overrides, workers)
+        out[f"ray_{workers}w_samples_per_s"], out[f"ray_{workers}w_stage_wall_s"] = rate, wall
+    out["ray_2w_over_1w"] = out["ray_2w_samples_per_s"] / out["ray_1w_samples_per_s"]
     return out
 
 
@@ -108,8 +141,14 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=20000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--forge-size", action="store_true",
+                        help="FORGE-size RQ-VAE with pairs, 1 vs 2 workers only")
     args = parser.parse_args()
     faiss.omp_set_num_threads(1)
+    if args.forge_size:
+        with tempfile.TemporaryDirectory() as tmp, ray_session(num_cpus=4):
+            print(json.dumps(forge_size_bench(Path(tmp), args.items, args.steps), indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp, ray_session(num_cpus=4):
         work = Path(tmp)
         x = make_dataset(work / "ds", args.items, args.dim)

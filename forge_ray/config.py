@@ -201,6 +201,10 @@ class ScaleConfig:
     kept in the object store (spilled to disk if that fills); a larger one streams
     from Parquet every epoch. Re-running the read and transform costs seconds per
     epoch, which dominates small runs of many short epochs. 0 = always stream.
+
+    ``torch_threads``: intra-op threads of each worker. Ray sets one per whole CPU of
+    the worker's share (one for a fractional share); set it to give a worker more, e.g.
+    one worker with 2 threads on a 2-core machine while Ray Data keeps a CPU to schedule.
     """
 
     num_workers: int = 2
@@ -211,9 +215,11 @@ class ScaleConfig:
     checkpoint_every: int = 100    # optimizer steps between checkpoints
     keep_checkpoints: int = 2
     cache_mb: int = 256
+    torch_threads: int = 0  # per worker; 0: Ray's OMP_NUM_THREADS (the worker's whole CPUs, >= 1)
 
     def __post_init__(self):
         require(self.num_workers >= 1, "scale.num_workers must be >= 1")
+        require(self.torch_threads >= 0, "scale.torch_threads must be >= 0")
         require(self.cache_mb >= 0, "scale.cache_mb must be >= 0")
         require(self.cpus_per_worker > 0, "scale.cpus_per_worker must be > 0")
         require(self.max_failures >= 0, "scale.max_failures must be >= 0")

@@ -5,8 +5,9 @@ shard of the items (``get_dataset_shard("train")``) and, when the dataset has
 co-occurrence pairs, of the joined pair embeddings (``"pairs"``), cycling through
 epochs until the step budget is spent; Ray Train splits both with ``equal=True``,
 so every rank reaches an epoch end at the same step. DeepSpeed (ZeRO 1/2 from the
-JSON) owns the optimizer; codebook maintenance (EMA, dead-code restart) all-reduces
-its statistics and broadcasts the codebooks so the replicas stay identical.
+JSON) owns the optimizer. Per step, besides DeepSpeed's gradient reduction, one
+all-reduce carries the NaN flag and every level's codebook statistics (EMA, dead-code
+restart); codebooks are broadcast only at steps that restart codes.
 
 Memory per rank: the model, its optimizer partition, one reconstruction batch and
 one pair batch (``train.batch_size`` / ``train.pair_batch_size`` rows).
@@ -47,20 +48,15 @@ def _batches(name: str, batch_size: int):
             raise RuntimeError(f"the {name!r} shard of this worker holds fewer than {batch_size} rows")
 
 
-def _collectives(device: torch.device):
-    """In-place sum / broadcast-from-rank-0 hooks for ``update_codebooks`` (the
-    statistics live on the model's device; NCCL needs them on the GPU)."""
-    def all_reduce(t: torch.Tensor) -> None:
-        buf = t.to(device)
-        dist.all_reduce(buf)
-        t.copy_(buf)
-
+def _broadcast_hook(device: torch.device):
+    """In-place broadcast-from-rank-0 for ``update_codebooks`` (NCCL needs the codebook
+    on the GPU; gloo on CPU)."""
     def broadcast(t: torch.Tensor) -> None:
         buf = t.to(device)
         dist.broadcast(buf, src=0)
         t.copy_(buf)
 
-    return all_reduce, broadcast
+    return broadcast
 
 
 def _kill_fault(faults: dict, rank: int, step: int) -> None:
@@ -90,7 +86,7 @@ def rqvae_worker(cfg: dict) -> None:
     step = int(reporter.restore(engine).get("step", 0))
     module: RQVAE = engine.module
     module.train()
-    all_reduce, broadcast = _collectives(engine.device)
+    broadcast = _broadcast_hook(engine.device)
     has_pairs = cfg["has_pairs"]
     recon_it = _batches("train", train["batch_size"])
     pair_it = _batches("pairs", train["pair_batch_size"]) if has_pairs else None
@@ -108,14 +104,17 @@ def rqvae_worker(cfg: dict) -> None:
         loss, metrics = compute_loss(module, recon, pair, loss_cfg)
         if step == cfg["faults"]["nan_step"]:  # test hook
             loss = loss * float("nan")
+        # One all-reduce per step besides DeepSpeed's gradients: the NaN flag (every rank
+        # stops at the same step if any rank saw one) and every level's codebook statistics.
         bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0], device=engine.device)
-        dist.all_reduce(bad)  # every rank stops at the same step if any rank saw NaN
-        if bad.item():  # no checkpoint: the last good one stays the latest
+        summed = torch.cat([bad, module.codebook_stats().to(engine.device)])
+        dist.all_reduce(summed)
+        if summed[0].item():  # no checkpoint: the last good one stays the latest
             reporter.stop(f"loss became NaN at step {step}")
             return
         engine.backward(loss)
         engine.step()
-        restarted = module.update_codebooks(all_reduce=all_reduce, broadcast=broadcast)
+        restarted = module.update_codebooks(stats=summed[1:], broadcast=broadcast)
         metrics.update(restarted)
         for key, value in metrics.items():
             window.setdefault(key, []).append(value)

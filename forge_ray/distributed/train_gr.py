@@ -154,6 +154,8 @@ def _worker(cfg: dict) -> None:
     from forge_ray.distributed.train_common import RunReporter, init_deepspeed
 
     logs.setup_worker(cfg["log_levels"])
+    if cfg["torch_threads"]:
+        torch.set_num_threads(cfg["torch_threads"])
     t = cfg["train"]
     torch.manual_seed(t["seed"])
     vocab = SIDVocab(tuple(cfg["sizes"]))
@@ -433,7 +435,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
                                           weight_decay=t.weight_decay, use_gpu=scale.use_gpu),
             "run_dir": os.fspath((storage / cfg.run.name / "logs").resolve()),
             "fingerprint": fingerprint(shape), "valid_ref": ray.put(valid), "trie_ref": ray.put(trie),
-            "log_levels": logs.worker_levels()}
+            "log_levels": logs.worker_levels(), "torch_threads": scale.torch_threads}
     log.info(f"[train-gr] {counts.examples:,} training {cfg.data.train_examples} "
              f"({counts.targets or counts.examples:,} targets; {len(valid['input_ids']):,} validation windows) "
              f"({'cached' if example_mb <= scale.cache_mb else 'streamed'}, <= {example_mb:,.1f} MiB), "

@@ -61,7 +61,6 @@ class TrainSidConfig:
     warmup_epochs: float = 0.0
     pair_window: int = 0
     in_process_max_items: int = 1_000_000  # RQ-KMeans: fit in the driver up to this many items
-    torch_threads: int = 0  # 0: torch's default; 1 is fastest for tiny models on shared cores
     scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
     storage_path: str = ""  # default: <MODEL_DIR parent>/runs
     run_name: str = ""      # default: MODEL_DIR's name
@@ -71,7 +70,6 @@ class TrainSidConfig:
         require(self.warmup_epochs <= self.epochs or self.epochs == 0,
                 "warmup_epochs must not exceed epochs")
         require(self.in_process_max_items >= 0, "in_process_max_items must be >= 0")
-        require(self.torch_threads >= 0, "torch_threads must be >= 0")
         require(self.pair_window >= 0, "pair_window must be >= 0")
         if self.quantizer == "rq_kmeans_balanced":
             self.rq_kmeans.balanced = True
@@ -209,7 +207,7 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
         "rqvae": to_dict(cfg.rqvae), "train": to_dict(train), "init_state": model.state_dict(),
         "total_steps": total, "warmup_steps": warmup, "checkpoint_every": cfg.scale.checkpoint_every,
         "has_pairs": has_pairs, "run_dir": os.fspath(run_dir / "forge_ray"), "fingerprint": fp,
-        "torch_threads": cfg.torch_threads, "faults": injected_faults(), "log_levels": logs.worker_levels(),
+        "torch_threads": cfg.scale.torch_threads, "faults": injected_faults(), "log_levels": logs.worker_levels(),
         "deepspeed": deepspeed_config(cfg.scale.deepspeed_config, micro_batch=train.batch_size,
                                       grad_accum=1, world_size=workers, lr=train.lr,
                                       weight_decay=train.weight_decay, use_gpu=cfg.scale.use_gpu),

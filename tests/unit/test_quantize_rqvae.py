@@ -146,6 +146,45 @@ def test_ema_moves_codes_toward_assigned_means():
     assert losses[9.0] > losses[0.0]
 
 
+@pytest.mark.parametrize("ema", [False, True])
+def test_summed_codebook_stats_of_two_replicas_equal_one_process_on_both_halves(ema):
+    """Data parallelism's one all-reduce per step: two replicas that each forward half a
+    batch and update from the sum of their ``codebook_stats`` end with the codebooks
+    and counters of one model that forwarded the whole batch (dead codes restarted on
+    one replica reach the other through the broadcast hook, as from rank 0)."""
+    kw = dict(ema=ema, kmeans_init=False, dead_code_steps=2, ema_decay=0.5)
+    whole, a, b = tiny(**kw), tiny(**kw), tiny(**kw)
+    x = torch.randn(64, 16)
+    sent: list[torch.Tensor] = []
+    for step in range(2):  # step 1 restarts the codes unused in both steps
+        for m in (whole, a, b):
+            m.train()
+        whole(x)
+        a(x[:32])
+        b(x[32:])
+        summed = a.codebook_stats() + b.codebook_stats()
+        torch.testing.assert_close(summed, whole.codebook_stats())
+        info = whole.update_codebooks()
+        info_a = a.update_codebooks(summed, broadcast=lambda t: sent.append(t.clone()))
+        info_b = b.update_codebooks(summed, broadcast=lambda t: t.copy_(sent.pop(0)))
+        assert info == info_a == info_b
+        assert not sent  # every broadcast rank 0 made was received
+    assert sum(info.values()) > 0  # the restart path ran
+    for m in (a, b):
+        for level in range(3):
+            torch.testing.assert_close(getattr(m, f"unused_steps_{level}"), getattr(whole, f"unused_steps_{level}"))
+            if ema:
+                torch.testing.assert_close(getattr(m, f"ema_count_{level}"), getattr(whole, f"ema_count_{level}"))
+    # replicas agree exactly; the single process differs only in its own restart rows
+    for cb_a, cb_b in zip(a.codebooks, b.codebooks):
+        torch.testing.assert_close(cb_a, cb_b, rtol=0, atol=0)
+    if ema:
+        for level in range(3):
+            torch.testing.assert_close(getattr(a, f"ema_sum_{level}"), getattr(b, f"ema_sum_{level}"), rtol=0, atol=0)
+    # without EMA and before any restart the stats are counts only: K floats per level
+    assert tiny(ema=False).codebook_stats().shape == (16 + 16 + 8,)
+
+
 def test_mixing_schedule():
     alt, both = LossConfig(mixing="alternate", pair_every=2), LossConfig(mixing="sum")
     assert [batch_kinds(s, True, alt) for s in range(4)] == [(True, False), (False, True)] * 2

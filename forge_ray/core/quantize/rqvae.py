@@ -16,8 +16,9 @@ inert is done here:
   codes within each batch); inference always uses argmin, so the choice is explicit.
 
 Codebook maintenance runs after the optimizer step (:meth:`RQVAE.update_codebooks`)
-from statistics the forward pass recorded, with hooks to all-reduce the statistics
-and broadcast the codebooks so data-parallel workers stay identical.
+from statistics the forward pass recorded. Data-parallel workers sum them as one flat
+vector (:meth:`RQVAE.codebook_stats`, one all-reduce per step) and broadcast only the
+codebooks of levels that restarted codes, so the replicas stay identical.
 """
 
 from __future__ import annotations
@@ -189,28 +190,54 @@ class RQVAE(nn.Module):
         self.initialized.fill_(True)
         return stats
 
+    def _stat_sizes(self) -> list[int]:
+        """Per level, the length of its slice of :meth:`codebook_stats`: K counts, plus
+        K x d sums with EMA (without EMA the sums are never used, so never sent)."""
+        d = self.config.latent_dim
+        return [k * (1 + d) if self.config.ema else k for k in self.sizes]
+
     @torch.no_grad()
-    def update_codebooks(self, all_reduce: Callable[[torch.Tensor], None] | None = None,
-                         broadcast: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
-        """EMA update and dead-code restart from the statistics of the forward passes
-        since the last call. ``all_reduce`` (in place sum across workers) is applied to
-        per-code counts and sums; ``broadcast`` (in place, from one worker) to every
-        codebook after restarts, so data-parallel replicas stay identical.
-        Returns {"restarted_l{l}": number of codes re-seeded}."""
-        cfg, pending, self._pending = self.config, self._pending, []
-        if not pending:
-            return {}
-        info = {}
+    def codebook_stats(self) -> torch.Tensor:
+        """(S,) float32: every level's per-code counts (and, with EMA, per-code residual
+        sums) from the forward passes since the last :meth:`update_codebooks`, flattened
+        into one vector so data-parallel workers sum them with a single all-reduce."""
+        if not self._pending:
+            return torch.zeros(sum(self._stat_sizes()), device=self.codebooks[0].device)
+        parts = []
         for level, k in enumerate(self.sizes):
-            r = torch.cat([p[0][level] for p in pending])  # (n, d)
-            c = torch.cat([p[1][:, level] for p in pending])  # (n,)
-            counts = torch.bincount(c, minlength=k).float()  # (K,)
-            sums = torch.zeros(k, r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, c, r)  # (K, d)
-            if all_reduce is not None:
-                all_reduce(counts)
-                all_reduce(sums)
+            r = torch.cat([p[0][level] for p in self._pending])  # (n, d)
+            c = torch.cat([p[1][:, level] for p in self._pending])  # (n,)
+            parts.append(torch.bincount(c, minlength=k).float())  # (K,)
+            if self.config.ema:
+                sums = torch.zeros(k, r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, c, r)
+                parts.append(sums.reshape(-1))  # (K * d,)
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def update_codebooks(self, stats: torch.Tensor | None = None,
+                         broadcast: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+        """EMA update and dead-code restart from the forward passes since the last call.
+
+        ``stats``: :meth:`codebook_stats`, summed over data-parallel workers (None: this
+        process's own). ``broadcast`` (in place, from one worker) is applied to the
+        codebooks of the levels that restarted codes: the re-seeded rows come from this
+        worker's residuals, while everything else follows from the summed statistics
+        and so is already identical on every worker. Whether a level restarts depends
+        only on the summed counts, so all workers make the same broadcasts.
+        Returns {"restarted_l{l}": number of codes re-seeded}."""
+        cfg = self.config
+        if not self._pending:
+            return {}
+        if stats is None:
+            stats = self.codebook_stats()
+        pending, self._pending = self._pending, []
+        info, offset = {}, 0
+        for level, (k, size) in enumerate(zip(self.sizes, self._stat_sizes())):
+            part, offset = stats[offset: offset + size], offset + size
+            counts = part[:k]  # (K,)
             cb = self.codebooks[level]
             if cfg.ema:
+                sums = part[k:].view(k, -1)  # (K, d)
                 ema_n, ema_s = getattr(self, f"ema_count_{level}"), getattr(self, f"ema_sum_{level}")
                 ema_n.mul_(cfg.ema_decay).add_(counts, alpha=1 - cfg.ema_decay)
                 ema_s.mul_(cfg.ema_decay).add_(sums, alpha=1 - cfg.ema_decay)
@@ -224,6 +251,8 @@ class RQVAE(nn.Module):
                 dead = torch.nonzero(unused >= cfg.dead_code_steps).squeeze(1)
                 restarted = len(dead)
                 if restarted:
+                    r = torch.cat([p[0][level] for p in pending])  # (n, d)
+                    c = torch.cat([p[1][:, level] for p in pending])  # (n,)
                     err = (r - cb[c]).pow(2).sum(1)  # (n,) quantization error per row
                     order = torch.argsort(err, descending=True)
                     pick = order[torch.arange(restarted) % len(order)]  # top-error rows, cycled
@@ -233,8 +262,10 @@ class RQVAE(nn.Module):
                     if cfg.ema:
                         getattr(self, f"ema_count_{level}")[dead] = 1.0
                         getattr(self, f"ema_sum_{level}")[dead] = new
-            if broadcast is not None:
-                broadcast(cb.data)
+                    if broadcast is not None:
+                        broadcast(cb.data)
+                        if cfg.ema:  # the restarted EMA state follows the broadcast rows
+                            getattr(self, f"ema_sum_{level}")[dead] = cb.data[dead]
             info[f"restarted_l{level}"] = float(restarted)
         return info
 

@@ -1,0 +1,72 @@
+"""Peak resident memory of processes, sampled in a background thread (psutil).
+
+Used by the benchmarks to report the memory of the Ray workers a stage ran in (RSS
+counts the object-store pages a worker touched, so it bounds what a node needs).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterable
+
+import psutil
+
+
+def ray_workers() -> list[psutil.Process]:
+    """This driver's Ray worker processes (descendants named ``ray::...``)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.name().startswith("ray::") or "default_worker.py" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+class PeakRss:
+    """Peak RSS (bytes) of the processes ``select()`` returns while the block runs.
+
+    ``peak_one``: the largest single process; ``peak_sum``: the largest total of one
+    sample; ``matching(word)``: the peaks of the processes whose command line ever
+    contained ``word`` (e.g. an actor class name), largest first.
+    """
+
+    def __init__(self, select: Callable[[], Iterable[psutil.Process]] = ray_workers,
+                 period: float = 0.1):
+        self.select, self.period = select, period
+        self.peak: dict[int, int] = {}
+        self.names: dict[int, set[str]] = {}
+        self.peak_sum = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for p in self.select():
+                try:
+                    rss, cmd = p.memory_info().rss, " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                total += rss
+                self.peak[p.pid] = max(self.peak.get(p.pid, 0), rss)
+                self.names.setdefault(p.pid, set()).add(cmd.split(" ")[0])
+            self.peak_sum = max(self.peak_sum, total)
+            self._stop.wait(self.period)
+
+    @property
+    def peak_one(self) -> int:
+        return max(self.peak.values(), default=0)
+
+    def matching(self, word: str) -> list[int]:
+        return sorted((self.peak[p] for p, names in self.names.items() if any(word in n for n in names)),
+                      reverse=True)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
