@@ -4,7 +4,8 @@ For each item count N, in one local Ray cluster: ``synth`` writes FORGE-shaped d
 (not timed), then ``ingest`` (its npz files and interactions), ``train-sid``
 (RQ-KMeans 3 x 256, in the driver up to ``in_process_max_items``, Ray tasks over
 shards above), ``assign`` (strategy ``suffix``, 2 encoder actors, exports on) and
-``sid-metrics`` (with the Embedding HitRate) run through their library functions.
+``sid-metrics`` (with the Embedding HitRate, on ``--hitrate-sessions`` sessions) run
+through their library functions.
 Each stage reports wall seconds, the driver's peak RSS, the largest Ray worker's peak
 RSS and the peak of all workers together (sampled every 0.1 s). A baseline runs side
 by side: the same RQ-KMeans encode of all N items in this process (``RQKMeans.encode``,
@@ -33,18 +34,21 @@ from rss import PeakRss, ray_workers  # noqa: E402  (bench/rss.py)
 MB = 1024 ** 2
 
 
-def measured(fn) -> dict:
-    """Run ``fn()``: wall seconds and peak RSS (MB) of the driver and the Ray workers."""
+def measured(fn, label: str) -> dict:
+    """Run ``fn()``: wall seconds and peak RSS (MB) of the driver and the Ray workers,
+    printed at once (a large size takes long; the earlier stages' figures stay)."""
     me = psutil.Process()
     with PeakRss(lambda: [me]) as driver, PeakRss(ray_workers) as workers:
         t = time.perf_counter()
         fn()
         wall = time.perf_counter() - t
-    return {"s": round(wall, 2), "driver_mb": round(driver.peak_one / MB),
-            "worker_max_mb": round(workers.peak_one / MB), "workers_sum_mb": round(workers.peak_sum / MB)}
+    row = {"s": round(wall, 2), "driver_mb": round(driver.peak_one / MB),
+           "worker_max_mb": round(workers.peak_one / MB), "workers_sum_mb": round(workers.peak_sum / MB)}
+    print(f"{label}: {json.dumps(row)}", flush=True)
+    return row
 
 
-def one_size(work: Path, n: int, dim: int) -> dict:
+def one_size(work: Path, n: int, dim: int, hitrate_sessions: int) -> dict:
     from forge_ray.data import synth as synth_mod
     from forge_ray.data.synth import SynthConfig, synth
     from forge_ray.distributed.assign import AssignConfig, assign
@@ -59,16 +63,17 @@ def one_size(work: Path, n: int, dim: int) -> dict:
     row = {"items": n, "dim": dim, "synth_s": round(time.perf_counter() - t, 1)}
     sources = [str(raw / synth_mod.CONTRASTIVE_FILE), str(raw / synth_mod.RECONSTRUCT_FILE),
                str(raw / synth_mod.INTERACTIONS_DIR)]
-    row["ingest"] = measured(lambda: ingest(sources, data, IngestConfig(progress=False)))
+    row["ingest"] = measured(lambda: ingest(sources, data, IngestConfig(progress=False)), f"{n:,} ingest")
     sid_cfg = load_config(TrainSidConfig, None, [
         "quantizer=rq_kmeans", "rq_kmeans.sizes=[256,256,256]", "rq_kmeans.niter=10",
         f"storage_path={work / 'runs'}", "scale.num_workers=1"])
-    row["train_sid"] = measured(lambda: train_sid(data, work / "model", sid_cfg))
+    row["train_sid"] = measured(lambda: train_sid(data, work / "model", sid_cfg), f"{n:,} train_sid")
     assign_cfg = load_config(AssignConfig, None, [
         "collisions.strategy=suffix", "pool.actors=2", "pool.cpus_per_actor=0.5", "export=true"])
-    row["assign"] = measured(lambda: assign(work / "model", data, work / "sids", assign_cfg))
-    metrics_cfg = load_config(SidMetricsStageConfig, None, ["pool.actors=2", "pool.cpus_per_actor=0.5"])
-    row["sid_metrics"] = measured(lambda: sid_metrics(work / "sids", data, work / "metrics", metrics_cfg))
+    row["assign"] = measured(lambda: assign(work / "model", data, work / "sids", assign_cfg), f"{n:,} assign")
+    cap = [f"hitrate.max_sessions={hitrate_sessions}"] if hitrate_sessions else []
+    metrics_cfg = load_config(SidMetricsStageConfig, None, ["pool.actors=2", "pool.cpus_per_actor=0.5", *cap])
+    row["sid_metrics"] = measured(lambda: sid_metrics(work / "sids", data, work / "metrics", metrics_cfg), f"{n:,} sid_metrics")
 
     # baseline: the same quantizer encoding every item in this process (no Ray)
     q = load_quantizer(work / "model")
@@ -86,6 +91,9 @@ def main() -> None:
     ap.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    ap.add_argument("--hitrate-sessions", type=int, default=0,
+                    help="sid-metrics: Embedding HitRate on at most this many sessions (0: all; the "
+                         "exact HitRate is sessions x items, so it grows with the square of N)")
     args = ap.parse_args()
     import torch
 
@@ -99,7 +107,7 @@ def main() -> None:
     with ray_session(num_cpus=args.cpus):
         for n in args.items:
             with tempfile.TemporaryDirectory(prefix="bench_stages_") as tmp:
-                rows.append(one_size(Path(tmp), n, args.dim))
+                rows.append(one_size(Path(tmp), n, args.dim, args.hitrate_sessions))
             print(json.dumps(rows[-1]), flush=True)
     print(f"{'items':>11s} {'stage':12s}{'s':>9s}{'items/s':>11s}{'driver MB':>11s}"
           f"{'worker max MB':>15s}{'workers MB':>12s}")
