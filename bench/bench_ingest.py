@@ -35,8 +35,8 @@ import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from forge_ray.data.npz import NpzWriter  # noqa: E402
-from rss import PeakRss, ray_workers  # noqa: E402  (bench/rss.py)
 from forge_ray.data.schema import ShardWriter, embedding_array, items_schema  # noqa: E402
+from rss import PeakRss, ray_workers  # noqa: E402  (bench/rss.py)
 
 MB = 1024 ** 2
 

@@ -49,8 +49,8 @@ def measured(fn, label: str) -> dict:
 
 
 def one_size(work: Path, n: int, dim: int, hitrate_sessions: int) -> dict:
-    from forge_ray.data import synth as synth_mod
-    from forge_ray.data.synth import SynthConfig, synth
+    from forge_ray.data.synth import (CONTRASTIVE_FILE, INTERACTIONS_DIR, RECONSTRUCT_FILE, SynthConfig,
+                                      synth)
     from forge_ray.distributed.assign import AssignConfig, assign
     from forge_ray.distributed.ingest import IngestConfig, ingest
     from forge_ray.distributed.sid_metrics import SidMetricsStageConfig, sid_metrics
@@ -61,8 +61,8 @@ def one_size(work: Path, n: int, dim: int, hitrate_sessions: int) -> dict:
     t = time.perf_counter()
     synth(raw, SynthConfig(items=n, dim=dim, users=max(1000, n // 10)), progress=False)
     row = {"items": n, "dim": dim, "synth_s": round(time.perf_counter() - t, 1)}
-    sources = [str(raw / synth_mod.CONTRASTIVE_FILE), str(raw / synth_mod.RECONSTRUCT_FILE),
-               str(raw / synth_mod.INTERACTIONS_DIR)]
+    sources = [str(raw / CONTRASTIVE_FILE), str(raw / RECONSTRUCT_FILE),
+               str(raw / INTERACTIONS_DIR)]
     row["ingest"] = measured(lambda: ingest(sources, data, IngestConfig(progress=False)), f"{n:,} ingest")
     sid_cfg = load_config(TrainSidConfig, None, [
         "quantizer=rq_kmeans", "rq_kmeans.sizes=[256,256,256]", "rq_kmeans.niter=10",
@@ -77,7 +77,7 @@ def one_size(work: Path, n: int, dim: int, hitrate_sessions: int) -> dict:
 
     # baseline: the same quantizer encoding every item in this process (no Ray)
     q = load_quantizer(work / "model")
-    with np.load(raw / synth_mod.CONTRASTIVE_FILE) as z:
+    with np.load(raw / CONTRASTIVE_FILE) as z:
         x = np.ascontiguousarray(z["embeds"], dtype=np.float32)
     t = time.perf_counter()
     q.encode(x)

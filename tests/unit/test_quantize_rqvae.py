@@ -181,7 +181,7 @@ def test_summed_codebook_stats_of_two_replicas_equal_one_process_on_both_halves(
     if ema:
         for level in range(3):
             torch.testing.assert_close(getattr(a, f"ema_sum_{level}"), getattr(b, f"ema_sum_{level}"), rtol=0, atol=0)
-    # without EMA and before any restart the stats are counts only: K floats per level
+    # without EMA the stats are counts only: K floats per level
     assert tiny(ema=False).codebook_stats().shape == (16 + 16 + 8,)
 
 

@@ -205,10 +205,10 @@ class RQVAE(nn.Module):
             return torch.zeros(sum(self._stat_sizes()), device=self.codebooks[0].device)
         parts = []
         for level, k in enumerate(self.sizes):
-            r = torch.cat([p[0][level] for p in self._pending])  # (n, d)
             c = torch.cat([p[1][:, level] for p in self._pending])  # (n,)
             parts.append(torch.bincount(c, minlength=k).float())  # (K,)
-            if self.config.ema:
+            if self.config.ema:  # residuals are needed only for the sums
+                r = torch.cat([p[0][level] for p in self._pending])  # (n, d)
                 sums = torch.zeros(k, r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, c, r)
                 parts.append(sums.reshape(-1))  # (K * d,)
         return torch.cat(parts)
