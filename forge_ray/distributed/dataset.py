@@ -76,7 +76,13 @@ def group_interactions(src: str, dest: str) -> None:
     ds = ray.data.read_parquet(src)
     ds = ds.groupby("user_id", num_partitions=partitions).map_groups(_user_sequence,
                                                                        batch_format="pyarrow")
-    ds.write_parquet(dest)
+    # map_groups' blocks are tables of one chunk per user, and the writer makes each
+    # chunk a Parquet row group: 100k users then read back in ~60 s instead of ~1 s
+    ds.map_batches(_one_chunk, batch_format="pyarrow", batch_size=None).write_parquet(dest)
+
+
+def _one_chunk(table: pa.Table) -> pa.Table:
+    return table.combine_chunks()
 
 
 def _user_sequence(events: pa.Table) -> pa.Table:

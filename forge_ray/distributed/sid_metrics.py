@@ -32,7 +32,7 @@ from ray.data.aggregate import Count, Sum
 
 from forge_ray.config import require, to_dict
 from forge_ray.core.sid.metrics import (SidMetricsConfig, embedding_hitrate, expand_hist, histogram_quality,
-                                        hitrate_key, perplexity, utilization)
+                                        hitrate_key, perplexity, ragged, utilization)
 from forge_ray.core.sid.plots import plot_code_usage, plot_sid_distribution
 from forge_ray.data.schema import embedding_array, embeddings_to_numpy
 from forge_ray.distributed.assign import (ActorPoolConfig, QuantizerActor, load_model, partitions_for,
@@ -137,11 +137,7 @@ def _sessions(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
     seqs = batch["item_ids"].combine_chunks() if isinstance(batch["item_ids"], pa.ChunkedArray) \
         else batch["item_ids"]
     lens = np.asarray(seqs.value_lengths().fill_null(0))
-    keep = (lens > 0) & (hash_unit(users, seed) < fraction)
-    seqs = seqs.filter(pa.array(keep))
-    offsets = seqs.offsets.to_numpy().astype(np.int64)
-    values = seqs.values.to_numpy(zero_copy_only=False).astype(np.int64)[offsets[0]:offsets[-1]]
-    offsets = offsets - offsets[0]
+    values, offsets = ragged(seqs.filter(pa.array((lens > 0) & (hash_unit(users, seed) < fraction))))
     last = offsets[1:] - 1
     mask = np.ones(values.size, dtype=bool)
     mask[last] = False

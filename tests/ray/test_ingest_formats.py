@@ -90,6 +90,9 @@ def test_interaction_log_grouping_matches_pandas(ray_cluster, tmp_path):
     for user, g in ref:
         assert got.loc[user, "item_ids"].tolist() == g["item_id"].tolist()
         assert got.loc[user, "timestamps"].tolist() == g["timestamp"].tolist()
+    # one Parquet row group per file, not one per user (those read back 60x slower)
+    for f in (tmp_path / "ds" / "sequences").glob("*.parquet"):
+        assert pq.ParquetFile(f).metadata.num_row_groups == 1
 
 
 def test_canonical_parquet_files(ray_cluster, tmp_path):

@@ -166,9 +166,11 @@ def ragged(histories) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(histories, pa.ChunkedArray):
         histories = histories.combine_chunks()
     if isinstance(histories, (pa.ListArray, pa.LargeListArray)):
+        # flatten(), not .values: a sliced array (a Ray Data batch) shares its parent's
+        # whole child buffer, and converting that per batch made passes quadratic
         offsets = histories.offsets.to_numpy().astype(np.int64)
-        flat = histories.values.to_numpy(zero_copy_only=False).astype(np.int64)
-        return flat[offsets[0]:offsets[-1]], offsets - offsets[0]
+        flat = histories.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        return flat, offsets - offsets[0]
     lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
     flat = (np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
             if lens.sum() else np.zeros(0, dtype=np.int64))
