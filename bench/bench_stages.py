@@ -4,7 +4,7 @@ For each item count N, in one local Ray cluster: ``synth`` writes FORGE-shaped d
 (not timed), then ``ingest`` (its npz files and interactions), ``train-sid``
 (RQ-KMeans 3 x 256, in the driver up to ``in_process_max_items``, Ray tasks over
 shards above), ``assign`` (strategy ``suffix``, 2 encoder actors, exports on) and
-``sid-metrics`` (with the Embedding HitRate, on ``--hitrate-sessions`` sessions) run
+``sid-metrics`` (with the Embedding HitRate sampled like configs/forge/sid_metrics.yaml) run
 through their library functions.
 Each stage reports wall seconds, the driver's peak RSS, the largest Ray worker's peak
 RSS and the peak of all workers together (sampled every 0.1 s). A baseline runs side
@@ -48,7 +48,21 @@ def measured(fn, label: str) -> dict:
     return row
 
 
-def one_size(work: Path, n: int, dim: int, hitrate_sessions: int) -> dict:
+def hitrate_overrides(n: int, sessions: int, gallery: int) -> list[str]:
+    """sid-metrics' HitRate the way configs/forge/sid_metrics.yaml samples it: at most
+    ``sessions`` sessions against a gallery of at most ``gallery`` items (session items
+    plus distractors) in an IVF index of ~4 sqrt(G) lists, 32 probed; 0 means all
+    sessions / items (exact search grows with sessions x items, i.e. with N^2)."""
+    out = [f"hitrate.max_sessions={sessions}"] if sessions else []
+    if gallery:
+        g = min(n, gallery)
+        nlist = 1 << max(4, round(np.log2(4 * np.sqrt(g))))
+        out += [f"hitrate.gallery_size={g}", f"hitrate.index_factory=IVF{nlist},Flat",
+                "hitrate.search_params=nprobe=32"]
+    return out
+
+
+def one_size(work: Path, n: int, dim: int, hitrate_sessions: int, hitrate_gallery: int) -> dict:
     from forge_ray.data.synth import (CONTRASTIVE_FILE, INTERACTIONS_DIR, RECONSTRUCT_FILE, SynthConfig,
                                       synth)
     from forge_ray.distributed.assign import AssignConfig, assign
@@ -71,8 +85,8 @@ def one_size(work: Path, n: int, dim: int, hitrate_sessions: int) -> dict:
     assign_cfg = load_config(AssignConfig, None, [
         "collisions.strategy=suffix", "pool.actors=2", "pool.cpus_per_actor=0.5", "export=true"])
     row["assign"] = measured(lambda: assign(work / "model", data, work / "sids", assign_cfg), f"{n:,} assign")
-    cap = [f"hitrate.max_sessions={hitrate_sessions}"] if hitrate_sessions else []
-    metrics_cfg = load_config(SidMetricsStageConfig, None, ["pool.actors=2", "pool.cpus_per_actor=0.5", *cap])
+    metrics_cfg = load_config(SidMetricsStageConfig, None, [
+        "pool.actors=2", "pool.cpus_per_actor=0.5", *hitrate_overrides(n, hitrate_sessions, hitrate_gallery)])
     row["sid_metrics"] = measured(lambda: sid_metrics(work / "sids", data, work / "metrics", metrics_cfg), f"{n:,} sid_metrics")
 
     # baseline: the same quantizer encoding every item in this process (no Ray)
@@ -91,9 +105,11 @@ def main() -> None:
     ap.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
-    ap.add_argument("--hitrate-sessions", type=int, default=0,
-                    help="sid-metrics: Embedding HitRate on at most this many sessions (0: all; the "
-                         "exact HitRate is sessions x items, so it grows with the square of N)")
+    ap.add_argument("--hitrate-sessions", type=int, default=10_000,
+                    help="sid-metrics: Embedding HitRate on at most this many sessions (0: all)")
+    ap.add_argument("--hitrate-gallery", type=int, default=2_000_000,
+                    help="sid-metrics: HitRate gallery of at most this many items in an IVF index "
+                         "(0: every item, exact search: sessions x items grows with N^2)")
     args = ap.parse_args()
     import torch
 
@@ -107,7 +123,7 @@ def main() -> None:
     with ray_session(num_cpus=args.cpus):
         for n in args.items:
             with tempfile.TemporaryDirectory(prefix="bench_stages_") as tmp:
-                rows.append(one_size(Path(tmp), n, args.dim, args.hitrate_sessions))
+                rows.append(one_size(Path(tmp), n, args.dim, args.hitrate_sessions, args.hitrate_gallery))
             print(json.dumps(rows[-1]), flush=True)
     print(f"{'items':>11s} {'stage':12s}{'s':>9s}{'items/s':>11s}{'driver MB':>11s}"
           f"{'worker max MB':>15s}{'workers MB':>12s}")
