@@ -204,7 +204,9 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
     datasets = {k: cached_if_small(ds, embeddings[k] * embedding_mb, cfg.scale)
                 for k, ds in datasets.items()}
     loop = {
-        "rqvae": to_dict(cfg.rqvae), "train": to_dict(train), "init_state": model.state_dict(),
+        # the worker's bar goes to the driver's stderr: drawn only where that is a terminal
+        "rqvae": to_dict(cfg.rqvae), "train": {**to_dict(train), "progress": train.progress and logs.bars()},
+        "init_state": model.state_dict(),
         "total_steps": total, "warmup_steps": warmup, "checkpoint_every": cfg.scale.checkpoint_every,
         "has_pairs": has_pairs, "run_dir": os.fspath(run_dir / "forge_ray"), "fingerprint": fp,
         "torch_threads": cfg.scale.torch_threads, "faults": injected_faults(), "log_levels": logs.worker_levels(),
