@@ -14,6 +14,13 @@ CONFIG (configs/amazon/beauty_cpu.yaml, beauty_tiger_gpu.yaml)::
     stages:                                 # per stage: config file + overrides
       train_sid: {config: ..., overrides: [...]}
       assign: ...; train_gr: ...; eval_gr: ...
+    refit: true                             # see below
+
+``refit``: once train-gr has chosen its step on the validation split, a second train-gr
+(``gr_model_refit``) trains the same config on the validation items too
+(``data.train_holdout=1``) for exactly the chosen number of optimizer steps, its decay
+ending there, and eval-gr scores that model on test: the test target then lies one item
+past the training data, as the validation target did when the step was chosen.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class BeautyJobConfig:
     work_dir: str = "runs/beauty_cpu"
     embed_batch_size: int = 64
     embed_actors: int = 1
+    refit: bool = False
     stages: dict[str, StageConfig] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -80,6 +88,13 @@ def run(cfg: BeautyJobConfig) -> dict:
                       *_with_config(cfg, "assign")], sids)
     _stage("train-gr", ["--data", str(emb), "--sids", str(sids), "--out", str(model),
                         *_with_config(cfg, "train_gr")], model)
+    if cfg.refit:
+        chosen = json.loads((model / "metrics.json").read_text())["selected"]
+        print(f"[beauty] refit: {chosen['step']} steps, the step train-gr kept ({chosen['why']})", flush=True)
+        model = work / "gr_model_refit"
+        _stage("train-gr", ["--data", str(emb), "--sids", str(sids), "--out", str(model),
+                            *_with_config(cfg, "train_gr"), "data.train_holdout=1",
+                            f"train.max_steps={chosen['step']}"], model)
     _stage("eval-gr", ["--model", str(model), "--data", str(emb), "--sids", str(sids),
                        "--out", str(evald), *_with_config(cfg, "eval_gr")], evald)
     metrics = json.loads((evald / "metrics.json").read_text())

@@ -15,8 +15,9 @@ items. Such a file holds no training interactions, so no popularity baseline.
 Baselines are scored on the same queries with the same metrics, so a report shows at
 once whether GR earns its cost:
 
-- most-popular: item counts over each user's training part (all but the last two
-  items of the raw sequence) come from a distributed ``groupby(item_id).count()`` and
+- most-popular: item counts over each user's training part, the items the model was
+  trained on (all but the last ``data.train_holdout`` of its manifest, 2 unless it is a
+  refit, of the raw sequence) come from a distributed ``groupby(item_id).count()`` and
   a distributed sort; only the top ``max_k`` rows reach the driver;
 - content kNN (:mod:`forge_ray.core.gr.knn`) on the dataset's item embeddings, the
   ones the SIDs were quantised from: cosine neighbours of the last history item and of
@@ -155,19 +156,20 @@ class _Decoder:
                          **{f"knn_{name}": [_state(acc)] for name, acc in knn.items()}})
 
 
-def _training_items(batch: pa.Table) -> pa.Table:
-    """Each sequence's training part (all but the last two items) as item rows."""
+def _training_items(batch: pa.Table, holdout: int) -> pa.Table:
+    """Each sequence's training part (all but the last ``holdout`` items) as item rows."""
     seqs = batch["item_ids"].to_pylist()
-    parts = [s[: max(len(s) - 2, 0)] for s in seqs if s]
+    parts = [s[: max(len(s) - holdout, 0)] for s in seqs if s]
     flat = np.concatenate([np.asarray(p, np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
     return pa.table({"item_id": flat})
 
 
-def popular_items(dataset: str | os.PathLike, k: int) -> np.ndarray:
-    """(k,) most interacted item ids of the training parts, ties by ascending id
-    (:class:`PopularityCounter` order), -1 padded; counted with a distributed groupby."""
+def popular_items(dataset: str | os.PathLike, k: int, holdout: int = 2) -> np.ndarray:
+    """(k,) most interacted item ids of the training parts (all but the last ``holdout``
+    items), ties by ascending id (:class:`PopularityCounter` order), -1 padded; counted
+    with a distributed groupby."""
     counts = read_sequences(dataset, columns=["item_ids"]).map_batches(
-        _training_items, batch_format="pyarrow").groupby("item_id").count()
+        _training_items, batch_format="pyarrow", fn_kwargs={"holdout": holdout}).groupby("item_id").count()
     top = counts.sort(["count()", "item_id"], descending=[True, False]).take(k)
     counter = PopularityCounter(np.asarray([r["item_id"] for r in top], np.int64),
                                 np.asarray([r["count()"] for r in top], np.int64))
@@ -204,8 +206,17 @@ def evaluate(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: EvalGRCo
                   _from_manifest(model_dir, trained, "sids") if sids is None else sids)
     out = check_output(out, overwrite, kind=EVAL_KIND, inputs=(model_dir, data, sids))
     vocab = check_vocab(model_dir, sids)
+    holdout = trained_holdout(trained)
+    if cfg.split != "test" and not gr_data.is_algr(data) and holdout < 2:
+        raise InputError(model_dir, f"a refit (data.train_holdout={holdout}) was trained on the "
+                                    f"{cfg.split} items: score it on split=test")
     with surface_user_errors():  # a bad row found by a Ray task reads as one line
-        return _evaluate(cfg, vocab, model_dir, data, sids, out, overwrite)
+        return _evaluate(cfg, vocab, model_dir, data, sids, out, overwrite, holdout)
+
+
+def trained_holdout(manifest: dict) -> int:
+    """``data.train_holdout`` of a model's manifest (2, the protocol, for models saved before it)."""
+    return int(manifest.get("config", {}).get("data", {}).get("train_holdout", 2))
 
 
 def _from_manifest(model_dir: str | os.PathLike, manifest: dict, key: str) -> str:
@@ -232,7 +243,7 @@ def _knn_table(cfg: EvalGRConfig, data) -> tuple[np.ndarray, np.ndarray] | str:
 
 
 def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Path,
-              overwrite: bool) -> dict:
+              overwrite: bool, holdout: int) -> dict:
     item_ids, codes = gr_data.load_sid_arrays(sids)
     trie = SIDTrie(codes, item_ids, vocab.sizes)
     algr = gr_data.is_algr(data)
@@ -255,7 +266,7 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
     if cfg.max_queries:
         examples = examples.limit(cfg.max_queries)
     max_k = cfg.accumulator().max_k
-    popular = popular_items(data, max_k) if cfg.popularity and not algr else None
+    popular = popular_items(data, max_k, holdout) if cfg.popularity and not algr else None
     knn = _knn_table(cfg, data) if cfg.content_knn else "content_knn is off"
     knn_ref = None if isinstance(knn, str) else [ray.put(knn)]
     # Streaming re-blocking into batch-sized blocks: a small test set read from one
@@ -278,7 +289,7 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
         actors.update(batch["actor"].tolist())
     metrics = {**gr.result(), "invalid_rate": gr.invalid / max(gr.generated, 1),
                "num_queries": gr.queries, "num_beams": cfg.num_beams, "split": cfg.split,
-               "decode_actors_used": len(actors),
+               "decode_actors_used": len(actors), "trained_holdout": holdout,
                "examples": asdict(counts)}
     if popular is not None:
         metrics["popularity"] = {k: v for k, v in pop.result().items() if "@" in k}

@@ -62,6 +62,11 @@ class GRDataConfig:
         part, T5 or decoder-only) or ``sequences`` (decoder-only: one example per chunk
         of up to ``max_history + 1`` items, every item after the first a target; see
         :mod:`forge_ray.core.gr.data`). Validation and test are windows either way.
+    train_holdout: items at the end of each sequence kept out of training: 2 (the
+        validation and test items; the protocol), 1 (a final refit that also trains on
+        the validation items, once every setting was chosen on validation: validation
+        then no longer measures anything, so train-gr skips it), 3 (that refit
+        back-tested on the validation split). See :mod:`forge_ray.core.gr.data`.
     join: ``auto`` | ``broadcast`` | ``hash`` (see module doc).
     broadcast_limit_mb: ``auto`` broadcasts SID tables up to this size.
     batch_rows: sequences per map batch.
@@ -71,6 +76,7 @@ class GRDataConfig:
     max_history: int = 20
     min_history: int = 1
     train_examples: Literal["windows", "sequences"] = "windows"
+    train_holdout: int = 2
     join: Literal["auto", "broadcast", "hash"] = "auto"
     broadcast_limit_mb: float = 1024.0
     batch_rows: int = 1024
@@ -81,6 +87,7 @@ class GRDataConfig:
         require(1 <= self.min_history <= self.max_history, "data.min_history must be in [1, max_history]")
         require(self.train_examples in ("windows", "sequences"),
                 f"data.train_examples must be windows or sequences, not {self.train_examples!r}")
+        require(self.train_holdout >= 1, "data.train_holdout must be >= 1 (0 would train on the test item)")
         require(self.broadcast_limit_mb >= 0, "data.broadcast_limit_mb must be >= 0")
         require(self.batch_rows >= 1, "data.batch_rows must be >= 1")
         require(len(self.algr_sizes) >= 1 and min(self.algr_sizes) >= 1, "data.algr_sizes must be positive")
@@ -112,7 +119,7 @@ def table_bytes(sids_dir: str | os.PathLike) -> int:
 # ---- sequences -> examples --------------------------------------------------------
 def _examples_table(batch: dict[str, np.ndarray], counts_only: bool, table: ItemSIDTable | None,
                     vocab: SIDVocab, split: Split, max_history: int, min_history: int,
-                    sequences: bool, add_eos: bool) -> pa.Table:
+                    sequences: bool, add_eos: bool, holdout: int) -> pa.Table:
     """One map batch -> example rows (or one row of counts). Without a broadcast
     ``table`` the batch carries the joined ``codes`` (flat, -1 = unknown item).
     ``sequences``: training chunks instead of windows (``split`` is ``train``)."""
@@ -125,10 +132,11 @@ def _examples_table(batch: dict[str, np.ndarray], counts_only: bool, table: Item
         uniq, first = np.unique(items[known], return_index=True)
         table = ItemSIDTable(uniq, codes[known][first])
     if sequences:
-        ex, counts = build_sequence_examples(batch["user_id"], seqs, table, vocab, max_history, min_history)
+        ex, counts = build_sequence_examples(batch["user_id"], seqs, table, vocab, max_history, min_history,
+                                             holdout)
     else:
         ex, counts = build_examples(batch["user_id"], seqs, table, vocab, split, max_history, min_history,
-                                    add_eos=add_eos)
+                                    add_eos=add_eos, holdout=holdout)
     if counts_only:
         return pa.table({k: [v] for k, v in counts.__dict__.items()})
     lists = {k: pa.array(list(ex[k]), pa.list_(pa.int64())) for k in ("input_ids", "labels", "history_items")
@@ -219,7 +227,7 @@ def sequence_examples(dataset: str | os.PathLike, sids_dir: str | os.PathLike, v
     seqs = read_sequences(dataset, columns=["user_id", "item_ids"])
     kw = dict(counts_only=counts_only, vocab=vocab, split=split,
               max_history=cfg.max_history, min_history=cfg.min_history, add_eos=add_eos,
-              sequences=split == "train" and cfg.train_examples == "sequences")
+              holdout=cfg.train_holdout, sequences=split == "train" and cfg.train_examples == "sequences")
     if table is None and use_broadcast(sids_dir, cfg):
         table = ItemSIDTable(*load_sid_arrays(sids_dir))
     if table is None:

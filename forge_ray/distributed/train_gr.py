@@ -222,7 +222,7 @@ def _worker(cfg: dict) -> None:
                 reporter.log(row, step)
                 log.info(f"[train-gr] step {step}/{total} epoch {epoch} loss {row['train/loss']:.4f} "
                          f"{rate:,.0f} tok/s")
-            if step % t["eval_every"] == 0 or step >= total:
+            if cfg["validate"] and (step % t["eval_every"] == 0 or step >= total):
                 metrics = _validate(engine.module, vocab, trie, valid, t)  # the same on every rank
                 value = metrics[t["early_stop_metric"]]
                 if best is None or (value > best if higher else value < best):
@@ -336,19 +336,32 @@ def _example_inputs(cfg: TrainGRConfig, data: str, sids: str | None):
     item_ids, codes = gr_data.load_sid_arrays(sids) if (
         t.valid_beams > 0 or gr_data.use_broadcast(sids, cfg.data)) else (None, None)
     table = ItemSIDTable(item_ids, codes) if gr_data.use_broadcast(sids, cfg.data) else None
-    trie = SIDTrie(codes, item_ids, vocab.sizes) if t.valid_beams > 0 else None
+    trie = SIDTrie(codes, item_ids, vocab.sizes) if t.valid_beams > 0 and not refits(cfg, data) else None
     train = gr_data.sequence_examples(data, sids, vocab, "train", cfg.data, table=table, add_eos=eos
                                       ).select_columns(["input_ids", "labels"])
     counts = gr_data.count_examples(data, sids, vocab, "train", cfg.data, table=table)
-    valid = gr_data.sequence_examples(data, sids, vocab, "valid", cfg.data, table=table, add_eos=eos
-                                      ).select_columns(["input_ids", "labels", "target_item"])
-    valid = valid.take(t.valid_samples) if t.valid_samples else valid.take_all()
+    if not refits(cfg, data):
+        valid = gr_data.sequence_examples(data, sids, vocab, "valid", cfg.data, table=table, add_eos=eos
+                                          ).select_columns(["input_ids", "labels", "target_item"])
+        valid = valid.take(t.valid_samples) if t.valid_samples else valid.take_all()
+    else:  # the validation items are training targets: nothing is left to validate on
+        valid = []
     return vocab, train, valid, counts, trie
 
 
-def _selection(t: GROptimConfig, state: dict, history: list[dict]) -> dict:
+def refits(cfg: TrainGRConfig, data: str) -> bool:
+    """A final refit (``data.train_holdout`` 1): the validation items are trained on,
+    so the run validates nothing and keeps its last weights."""
+    return cfg.data.train_holdout < 2 and not is_algr(data)
+
+
+def _selection(t: GROptimConfig, state: dict, history: list[dict], refit: bool) -> dict:
     """Which weights MODEL_DIR holds and why (recorded in metrics.json and the manifest)."""
     step = state.get("best_step")
+    if refit:
+        return {"step": int(state.get("global_steps", 0)),
+                "why": "the last step: a refit (data.train_holdout=1) trains on the validation items, "
+                       "so there is nothing held out to select by"}
     if not history or step is None:
         return {"step": int(state.get("global_steps", 0)), "why": "the last step (no validation ran)"}
     order = "highest" if t.early_stop_metric != "valid_loss" else "lowest"
@@ -419,7 +432,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
     valid = {"input_ids": [np.asarray(r["input_ids"], np.int64) for r in valid_rows],
              "labels": [np.asarray(r["labels"], np.int64) for r in valid_rows],
              "target_item": [int(r["target_item"]) for r in valid_rows]}
-    if not valid["input_ids"]:
+    if not valid["input_ids"] and not refits(cfg, data):
         raise InputError(data, "no validation examples (every sequence is too short)")
     storage = cfg.run.storage(out)
     shape = {"model": to_dict(cfg.model), "sizes": list(vocab.sizes), "data": to_dict(cfg.data),
@@ -429,6 +442,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
     loop = {"train": to_dict(t), "model": to_dict(cfg.model), "sizes": list(vocab.sizes),
             "total_steps": total, "checkpoint_every": scale.checkpoint_every,
             "sequences": cfg.data.train_examples == "sequences" and not is_algr(data),
+            "validate": not refits(cfg, data),
             "nan_step": injected_faults()["nan_step"],  # tests only: FORGE_RAY_FAULT_NAN_STEP
             "ds_config": deepspeed_config(scale.deepspeed_config, micro_batch=t.micro_batch,
                                           grad_accum=t.grad_accum, world_size=world, lr=t.lr,
@@ -450,7 +464,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
     with atomic_dir(out, overwrite, kind=MODEL_KIND, inputs=(data, sids)) as tmp:
         save_model(model, vocab, tmp)
         (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        selected = _selection(t, state, history)
+        selected = _selection(t, state, history, refits(cfg, data))
         final = {"best": state["best"], "steps": int(state.get("global_steps", total)), "selected": selected,
                  "skipped_steps": int(state.get("skipped_steps", 0)),
                  "stopped_early": bool(result.metrics.get("stopped_early")), "last": history[-1] if history else {}}

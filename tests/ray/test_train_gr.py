@@ -296,3 +296,29 @@ def test_decoder_only_trains_on_whole_sequences(ray_cluster, tmp_path):
     assert "sequences" in (tmp_path / "m" / "README.md").read_text()
     with pytest.raises(Exception, match="needs a decoder-only model"):
         tiny_config("data.train_examples=sequences")
+
+
+def test_refit_trains_on_the_validation_items_and_is_scored_on_test_only(ray_cluster, tmp_path):
+    """data.train_holdout=1: the validation item of every user becomes a training
+    target, nothing is validated, the last weights are kept and say why; eval-gr refuses
+    to score such a model on validation and counts most-popular on the same items."""
+    from forge_ray.core.gr.popularity import PopularityCounter
+    from forge_ray.distributed.evaluate import EvalGRConfig, evaluate, popular_items
+    from forge_ray.errors import InputError
+    from forge_ray.distributed.train_gr import train_gr
+
+    ds, sids, items, codes, users, seqs = build_gr_data(tmp_path)
+    m = train_gr(ds, sids, tmp_path / "m", tiny_config(
+        "model.arch=qwen2", "data.train_examples=sequences", "data.train_holdout=1", "train.max_steps=3",
+        "train.eval_every=1", f"run.storage_path={tmp_path / 'runs'}"))
+    _, refit = build_examples(users, seqs, ItemSIDTable(items, codes), SIDVocab(SIZES), "train", 5, holdout=1)
+    _, protocol = build_examples(users, seqs, ItemSIDTable(items, codes), SIDVocab(SIZES), "train", 5)
+    assert m["counts"]["targets"] == refit.examples == protocol.examples + 40  # + one per non-empty user
+    assert m["steps"] == 3 and m["selected"]["step"] == 3 and "train_holdout=1" in m["selected"]["why"]
+    assert m["valid_windows"] == 0 and (tmp_path / "m" / "history.jsonl").read_text() == ""
+    with pytest.raises(InputError, match="score it on split=test"):
+        evaluate(tmp_path / "m", tmp_path / "e", EvalGRConfig(split="valid"))
+    assert not (tmp_path / "e").exists()
+    pop = PopularityCounter()
+    pop.update_from_sequences(seqs, holdout=1)
+    np.testing.assert_array_equal(popular_items(ds, 10, holdout=1), pop.top(10))

@@ -116,3 +116,25 @@ def test_full_sequence_loss_is_the_mean_of_the_window_losses():
                       for p, t in zip(windows["input_ids"], windows["labels"])]
     assert len(per_window) == 5
     assert float(one) == pytest.approx(float(torch.stack(per_window).mean()), rel=1e-5)
+
+
+def test_train_holdout_moves_the_end_of_the_training_part():
+    """holdout 2 keeps the validation and test items out of training; 1 (a refit) trains
+    on the validation item, never the test item; 3 leaves the validation target two items
+    past the training part, as test is without a refit; 0 is refused."""
+    from forge_ray.core.gr.data import build_sequence_examples
+
+    seq = [np.array([1, 2, 3, 4, 5, 6, 7])]
+    targets = {}
+    for holdout in (1, 2, 3):
+        windows, _ = build_examples(USERS[:1], seq, TABLE, VOCAB, "train", max_history=20, holdout=holdout)
+        chunks, c = build_sequence_examples(USERS[:1], seq, TABLE, VOCAB, max_history=20, holdout=holdout)
+        targets[holdout] = windows["target_item"].tolist()
+        assert c.targets == len(targets[holdout]) and chunks["target_item"].tolist() == [targets[holdout][-1]]
+    assert targets == {1: [2, 3, 4, 5, 6], 2: [2, 3, 4, 5], 3: [2, 3, 4]}
+    valid, _ = build_examples(USERS[:1], seq, TABLE, VOCAB, "valid", max_history=20, holdout=1)
+    assert valid["target_item"].tolist() == [6]  # the evaluation splits do not move
+    for build in (lambda: build_examples(USERS[:1], seq, TABLE, VOCAB, "train", 20, holdout=0),
+                  lambda: build_sequence_examples(USERS[:1], seq, TABLE, VOCAB, 20, holdout=0)):
+        with pytest.raises(ValueError, match="holdout"):
+            build()

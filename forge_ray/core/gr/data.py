@@ -7,7 +7,11 @@ sequences): for a user's time-ordered items s[0..n-1]
 - ``test``: history s[:n-1], target s[n-1]
 - ``valid``: history s[:n-2], target s[n-2]
 - ``train``: sliding windows over s[:n-2]: every prefix s[:j] (j >= min_history)
-  predicts s[j]
+  predicts s[j]. ``holdout`` (default 2) is the number of items kept out of the
+  training part: 1 refits on the validation items too (the test item alone is held
+  out; a final fit once every setting is chosen on validation), 3 back-tests that
+  refit on the validation split (its target then lies two items past the training
+  part, as the test target does without a refit)
 - ``train`` as whole sequences (:func:`build_sequence_examples`, decoder-only
   models): s[:n-2] cut from its end into chunks of up to ``max_history + 1`` items
   that overlap by one item; a causal model trained on a chunk learns every item after
@@ -88,16 +92,17 @@ class ItemSIDTable:
         return np.where(found[:, None], self.codes[pos], -1), found
 
 
-def split_sequence(seq: np.ndarray, split: Split, min_history: int = 1
+def split_sequence(seq: np.ndarray, split: Split, min_history: int = 1, holdout: int = 2
                    ) -> tuple[list[np.ndarray], np.ndarray]:
-    """One time-ordered sequence -> (histories, targets) of ``split`` (untruncated)."""
+    """One time-ordered sequence -> (histories, targets) of ``split`` (untruncated);
+    ``holdout``: items at the end kept out of ``train`` (module doc)."""
     n = len(seq)
     if split == "test":
         ends = [n - 1] if n - 1 >= min_history else []
     elif split == "valid":
         ends = [n - 2] if n - 2 >= min_history else []
     elif split == "train":
-        ends = list(range(min_history, n - 2))
+        ends = list(range(min_history, n - holdout))
     else:
         raise ValueError(f"unknown split {split!r}")
     return [seq[:j] for j in ends], seq[np.asarray(ends, dtype=np.int64)]
@@ -121,17 +126,16 @@ def history_input_ids(history_codes: Sequence[np.ndarray], vocab: SIDVocab, add_
 
 def build_examples(user_ids: np.ndarray, item_seqs: Sequence[np.ndarray], table: ItemSIDTable,
                    vocab: SIDVocab, split: Split, max_history: int, min_history: int = 1,
-                   add_eos: bool = True) -> tuple[dict[str, np.ndarray], ExampleCounts]:
+                   add_eos: bool = True, holdout: int = 2) -> tuple[dict[str, np.ndarray], ExampleCounts]:
     """A batch of user sequences -> one split's example batch (see module doc) and counts."""
-    if max_history < 1 or min_history < 1:
-        raise ValueError(f"max_history ({max_history}) and min_history ({min_history}) must be >= 1")
+    _check_lengths(max_history, min_history, holdout)
     counts = ExampleCounts(sequences=len(item_seqs))
     users, histories, targets = [], [], []
     for user, seq in zip(np.asarray(user_ids).tolist(), item_seqs):
         seq = np.asarray(seq, dtype=np.int64)
         _, found = table.lookup(seq)
         counts.unknown_items += int((~found).sum())
-        hist, tgt = split_sequence(seq[found], split, min_history)
+        hist, tgt = split_sequence(seq[found], split, min_history, holdout)
         if not hist:
             counts.too_short += 1
         for h in hist:
@@ -151,6 +155,13 @@ def build_examples(user_ids: np.ndarray, item_seqs: Sequence[np.ndarray], table:
         "history_items": _object_rows(histories),
     }
     return batch, counts
+
+
+def _check_lengths(max_history: int, min_history: int, holdout: int) -> None:
+    if max_history < 1 or min_history < 1:
+        raise ValueError(f"max_history ({max_history}) and min_history ({min_history}) must be >= 1")
+    if holdout < 1:  # 0 would train on the test item
+        raise ValueError(f"holdout ({holdout}) must be >= 1")
 
 
 def _object_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -175,26 +186,27 @@ def sequence_chunks(n: int, max_history: int, min_history: int = 1) -> list[tupl
 
 
 def build_sequence_examples(user_ids: np.ndarray, item_seqs: Sequence[np.ndarray], table: ItemSIDTable,
-                            vocab: SIDVocab, max_history: int, min_history: int = 1
+                            vocab: SIDVocab, max_history: int, min_history: int = 1, holdout: int = 2
                             ) -> tuple[dict[str, np.ndarray], ExampleCounts]:
     """A batch of user sequences -> whole-sequence training chunks (module doc) and counts.
 
-    Every target of :func:`build_examples` ``"train"`` is a target of exactly one chunk.
+    Every target of :func:`build_examples` ``"train"`` (same ``holdout``) is a target of
+    exactly one chunk.
     """
-    if max_history < 1 or min_history < 1:
-        raise ValueError(f"max_history ({max_history}) and min_history ({min_history}) must be >= 1")
+    _check_lengths(max_history, min_history, holdout)
     counts = ExampleCounts(sequences=len(item_seqs))
     users, inputs, labels, last = [], [], [], []
     for user, seq in zip(np.asarray(user_ids).tolist(), item_seqs):
         seq = np.asarray(seq, dtype=np.int64)
         codes, found = table.lookup(seq)
         counts.unknown_items += int((~found).sum())
-        train_part = seq[found][:-2]
+        keep = max(int(found.sum()) - holdout, 0)
+        train_part = seq[found][:keep]
         chunks = sequence_chunks(len(train_part), max_history, min_history)
         if not chunks:
             counts.too_short += 1
             continue
-        ids = vocab.codes_to_ids(codes[found][:-2])
+        ids = vocab.codes_to_ids(codes[found][:keep])
         for start, end, context in chunks:
             tokens = ids[start:end].reshape(-1)
             lab = tokens.copy()
