@@ -1,14 +1,13 @@
 """sid-metrics with Ray Data's object-store hash shuffle vs its disk-based shuffle.
 
 At 1M -> 3M items the largest Ray worker of ``sid-metrics`` grew from 1.6 to 3.6 GB
-(docs/operations.md) while the other stages stayed nearly flat. Ray 2.60 runs min(CPUs,
-128) hash-shuffle aggregators whatever the partition count, so each would hold about
-N / CPUs rows of the embedding join. This bench runs the same stage on the same
-inputs twice in one Ray session, once per ``DataContext.use_disk_based_hash_shuffle``
-setting, and prints wall seconds and the peak RSS of the largest worker and of all
-workers, with the disk / object-store ratios, and the names (Ray task or actor
-names) of the three largest workers, so the one that grows is named, not guessed. The HitRate is sampled small (its faiss
-search runs in the driver and does not touch the workers' memory).
+(docs/operations.md) while the other stages stayed nearly flat. This bench runs the
+same stage on the same inputs twice in one Ray session, once per
+``DataContext.use_disk_based_hash_shuffle`` setting, and prints wall seconds, the peak
+RSS of the largest worker and of all workers, the disk / object-store ratios, and the
+Ray task or actor names of the three largest workers, so the one that grows is named,
+not guessed. The HitRate is sampled small (its faiss search runs in the driver and does
+not touch the workers' memory).
 
     python bench/bench_shuffle_memory.py --data DATASET --sids SIDS_DIR
 """
@@ -19,30 +18,14 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray.data  # noqa: E402
 
+from bench_stages import measured  # noqa: E402  (bench/bench_stages.py)
 from forge_ray.config import load_config  # noqa: E402
-from rss import PeakRss, ray_workers  # noqa: E402  (bench/rss.py)
-
-MB = 1024 ** 2
-
-
-def measured(fn) -> dict:
-    """Run ``fn()``: wall seconds, peak RSS (MB) of the largest worker and of all of
-    them, and the three largest workers' peaks with every name each process ran as."""
-    with PeakRss(ray_workers) as workers:
-        t = time.perf_counter()
-        fn()
-        wall = time.perf_counter() - t
-    top = sorted(workers.peak, key=workers.peak.get, reverse=True)[:3]
-    return {"s": round(wall, 1), "worker_max_mb": round(workers.peak_one / MB),
-            "workers_sum_mb": round(workers.peak_sum / MB),
-            "largest": [{"mb": round(workers.peak[p] / MB), "names": sorted(workers.names[p])} for p in top]}
 
 
 def main() -> None:
@@ -66,8 +49,8 @@ def main() -> None:
         ctx = ray.data.DataContext.get_current()
         for name, disk in (("object_store", False), ("disk", True)):
             ctx.use_disk_based_hash_shuffle = disk
-            rows[name] = measured(lambda: sid_metrics(args.sids, args.data, Path(tmp) / name, cfg))
-            print(f"sid_metrics, {name} shuffle: {json.dumps(rows[name])}", flush=True)
+            rows[name] = measured(lambda: sid_metrics(args.sids, args.data, Path(tmp) / name, cfg),
+                                  f"sid_metrics, {name} shuffle", largest=3)
     ratios = {k: round(rows["disk"][k] / max(rows["object_store"][k], 1e-9), 3)
               for k in ("s", "worker_max_mb", "workers_sum_mb")}
     print(json.dumps({"rows": rows, "disk_over_object_store": ratios}, indent=2))

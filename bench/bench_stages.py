@@ -34,9 +34,10 @@ from rss import PeakRss, ray_workers  # noqa: E402  (bench/rss.py)
 MB = 1024 ** 2
 
 
-def measured(fn, label: str) -> dict:
+def measured(fn, label: str, largest: int = 0) -> dict:
     """Run ``fn()``: wall seconds and peak RSS (MB) of the driver and the Ray workers,
-    printed at once (a large size takes long; the earlier stages' figures stay)."""
+    printed at once (a large size takes long; the earlier stages' figures stay);
+    ``largest``: also the peaks and Ray task/actor names of that many largest workers."""
     me = psutil.Process()
     with PeakRss(lambda: [me]) as driver, PeakRss(ray_workers) as workers:
         t = time.perf_counter()
@@ -44,6 +45,8 @@ def measured(fn, label: str) -> dict:
         wall = time.perf_counter() - t
     row = {"s": round(wall, 2), "driver_mb": round(driver.peak_one / MB),
            "worker_max_mb": round(workers.peak_one / MB), "workers_sum_mb": round(workers.peak_sum / MB)}
+    if largest:
+        row["largest"] = [{"mb": round(b / MB), "names": names} for b, names in workers.largest(largest)]
     print(f"{label}: {json.dumps(row)}", flush=True)
     return row
 

@@ -59,6 +59,11 @@ class PeakRss:
     def peak_one(self) -> int:
         return max(self.peak.values(), default=0)
 
+    def largest(self, n: int) -> list[tuple[int, list[str]]]:
+        """The ``n`` largest processes: (peak bytes, every name each ran as), largest first."""
+        top = sorted(self.peak, key=self.peak.get, reverse=True)[:n]
+        return [(self.peak[p], sorted(self.names[p])) for p in top]
+
     def matching(self, word: str) -> list[int]:
         return sorted((self.peak[p] for p, names in self.names.items() if any(word in n for n in names)),
                       reverse=True)

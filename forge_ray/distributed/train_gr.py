@@ -308,8 +308,9 @@ def _validate(model, vocab: SIDVocab, trie, valid: dict, t: dict) -> dict[str, f
 
 
 # ---- the driver -------------------------------------------------------------------
-def _example_inputs(cfg: TrainGRConfig, data: str, sids: str | None):
-    """(vocab, train dataset, valid rows, counts, trie or None, SID table reference)."""
+def _example_inputs(cfg: TrainGRConfig, data: str, sids: str | None, refit: bool):
+    """(vocab, train dataset, valid rows, counts, trie or None, SID table reference);
+    ``refit`` (:func:`refits`): no validation rows and no trie."""
     from forge_ray.core.gr.trie import SIDTrie
     from forge_ray.distributed import gr_data
 
@@ -333,14 +334,15 @@ def _example_inputs(cfg: TrainGRConfig, data: str, sids: str | None):
     if sids is None:
         raise InputError(data, "a canonical dataset needs --sids SIDS_DIR")
     vocab = SIDVocab(gr_data.sid_sizes(sids))
+    beams = t.valid_beams > 0 and not refit
     item_ids, codes = gr_data.load_sid_arrays(sids) if (
-        t.valid_beams > 0 or gr_data.use_broadcast(sids, cfg.data)) else (None, None)
+        beams or gr_data.use_broadcast(sids, cfg.data)) else (None, None)
     table = ItemSIDTable(item_ids, codes) if gr_data.use_broadcast(sids, cfg.data) else None
-    trie = SIDTrie(codes, item_ids, vocab.sizes) if t.valid_beams > 0 and not refits(cfg, data) else None
+    trie = SIDTrie(codes, item_ids, vocab.sizes) if beams else None
     train = gr_data.sequence_examples(data, sids, vocab, "train", cfg.data, table=table, add_eos=eos
                                       ).select_columns(["input_ids", "labels"])
     counts = gr_data.count_examples(data, sids, vocab, "train", cfg.data, table=table)
-    if not refits(cfg, data):
+    if not refit:
         valid = gr_data.sequence_examples(data, sids, vocab, "valid", cfg.data, table=table, add_eos=eos
                                           ).select_columns(["input_ids", "labels", "target_item"])
         valid = valid.take(t.valid_samples) if t.valid_samples else valid.take_all()
@@ -418,7 +420,8 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
     check_output(out, overwrite, kind=MODEL_KIND, inputs=(data, sids))  # before training
     t, scale = cfg.train, cfg.scale
     with surface_user_errors():  # a bad row found by a Ray task reads as one line
-        vocab, train_ds, valid_rows, counts, trie = _example_inputs(cfg, data, sids)
+        refit = refits(cfg, data)
+        vocab, train_ds, valid_rows, counts, trie = _example_inputs(cfg, data, sids, refit)
     world = scale.num_workers
     per_step = t.micro_batch * t.grad_accum * world
     if counts.examples < per_step:
@@ -432,7 +435,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
     valid = {"input_ids": [np.asarray(r["input_ids"], np.int64) for r in valid_rows],
              "labels": [np.asarray(r["labels"], np.int64) for r in valid_rows],
              "target_item": [int(r["target_item"]) for r in valid_rows]}
-    if not valid["input_ids"] and not refits(cfg, data):
+    if not valid["input_ids"] and not refit:
         raise InputError(data, "no validation examples (every sequence is too short)")
     storage = cfg.run.storage(out)
     shape = {"model": to_dict(cfg.model), "sizes": list(vocab.sizes), "data": to_dict(cfg.data),
@@ -442,7 +445,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
     loop = {"train": to_dict(t), "model": to_dict(cfg.model), "sizes": list(vocab.sizes),
             "total_steps": total, "checkpoint_every": scale.checkpoint_every,
             "sequences": cfg.data.train_examples == "sequences" and not is_algr(data),
-            "validate": not refits(cfg, data),
+            "validate": not refit,
             "nan_step": injected_faults()["nan_step"],  # tests only: FORGE_RAY_FAULT_NAN_STEP
             "ds_config": deepspeed_config(scale.deepspeed_config, micro_batch=t.micro_batch,
                                           grad_accum=t.grad_accum, world_size=world, lr=t.lr,
@@ -464,7 +467,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
     with atomic_dir(out, overwrite, kind=MODEL_KIND, inputs=(data, sids)) as tmp:
         save_model(model, vocab, tmp)
         (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        selected = _selection(t, state, history, refits(cfg, data))
+        selected = _selection(t, state, history, refit)
         final = {"best": state["best"], "steps": int(state.get("global_steps", total)), "selected": selected,
                  "skipped_steps": int(state.get("skipped_steps", 0)),
                  "stopped_early": bool(result.metrics.get("stopped_early")), "last": history[-1] if history else {}}
