@@ -12,9 +12,11 @@ Decoding (in this process, the code every eval-gr actor runs): the TIGER-shaped 
 Training: optimizer-step tokens/s of ``train-gr``'s Ray Train + DeepSpeed path, one
 run per ``--layouts`` entry (workers x torch threads per worker, DeepSpeed JSON), vs a
 plain single-process AdamW loop (gradient clipping as DeepSpeed's) over the same
-examples, model and global batch. The Ray figure is rank 0's log over the whole loop:
-the wait for the first batch, Ray Data streaming and the all-reduces are included;
-cluster and worker start-up are not.
+examples, model and global batch. Both sides are the median of per-step rates after
+the first ``--warmup`` steps (the Ray side: the windows rank 0 logs with
+``train.log_every=1``, Ray Data streaming and the all-reduces included; cluster and
+worker start-up, the first batches and the final checkpoint are not), and, beside
+it, the share of those steps rank 0 spent waiting for its data (``train/data_wait``).
 
     python bench/bench_gr.py                 # a few minutes on 2 cores
     python bench/bench_gr.py --quick
@@ -71,9 +73,9 @@ def decode_bench(args) -> None:
     print(f"  constrained batch 1 : {one:8.1f} queries/s   ratio batched/batch-1 = {ours / one:.2f}")
 
 
-def ray_train_rate(ds, sids, tmp: Path, args, layout: str) -> float:
-    """tokens/s of ``train_gr`` for ``layout`` = WORKERSxTHREADS:DEEPSPEED_JSON, as rank 0
-    logs it over the whole run (Ray Data streaming, all-reduces and stalls included)."""
+def ray_train_rate(ds, sids, tmp: Path, args, layout: str) -> tuple[float, float]:
+    """(median tokens/s, median data-wait share) of ``train_gr``'s steps after the first
+    ``args.warmup`` for ``layout`` = WORKERSxTHREADS:DEEPSPEED_JSON, as rank 0 logs them."""
     import ray
 
     from forge_ray.config import load_config
@@ -95,8 +97,9 @@ def ray_train_rate(ds, sids, tmp: Path, args, layout: str) -> float:
     finally:
         ray.shutdown()
     logged = [json.loads(x) for x in (Path(f"{out}.runs") / "train_gr" / "logs" / "metrics.jsonl")
-              .read_text().splitlines() if "train/tokens_per_s" in x]
-    return logged[-1]["train/tokens_per_s"]
+              .read_text().splitlines() if "train/tokens_per_s" in x][args.warmup:]
+    return (float(np.median([r["train/tokens_per_s"] for r in logged])),
+            float(np.median([r["train/data_wait"] for r in logged])))
 
 
 def train_bench(args) -> None:
@@ -120,8 +123,9 @@ def train_bench(args) -> None:
         ex, _ = build_examples(users, seqs, ItemSIDTable(items, codes), vocab, "train", 5)
         model = build_model(cfg.model, vocab)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-        tokens, t0 = 0, time.perf_counter()
+        per_step = []
         for step in range(args.steps):
+            t0 = time.perf_counter()
             idx = np.random.default_rng(step).integers(0, len(ex["labels"]), args.global_batch)
             b = collate_seq2seq([ex["input_ids"][i] for i in idx], [ex["labels"][i] for i in idx], vocab)
             loss = model(**b).loss
@@ -129,13 +133,14 @@ def train_bench(args) -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as DeepSpeed's gradient_clipping
             opt.step()
-            tokens += int(b["attention_mask"].sum())
-        plain = tokens / (time.perf_counter() - t0)
-        print(f"training T5 {args.preset}, global batch {args.global_batch}, {args.steps} steps")
+            per_step.append(int(b["attention_mask"].sum()) / (time.perf_counter() - t0))
+        plain = float(np.median(per_step[args.warmup:]))
+        print(f"training T5 {args.preset}, global batch {args.global_batch}, {args.steps} steps, "
+              f"median of the steps after the first {args.warmup}")
         print(f"  plain single-process loop ({torch.get_num_threads()} threads): {plain:10.0f} tokens/s")
-        for layout, rate in rates.items():
+        for layout, (rate, wait) in rates.items():
             print(f"  Ray Train + DeepSpeed {layout:18s}: {rate:10.0f} tokens/s   ratio Ray/plain = "
-                  f"{rate / plain:.2f}   (WORKERSxTHREADS:JSON; includes Ray Data streaming and stalls)")
+                  f"{rate / plain:.2f}   waiting for data {wait:.0%} (WORKERSxTHREADS:JSON)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -151,6 +156,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--users", type=int, default=400)
     p.add_argument("--global-batch", type=int, default=64, help="examples per optimizer step")
+    p.add_argument("--warmup", type=int, default=5, help="training steps left out of the medians")
     p.add_argument("--layouts", nargs="+", default=["2x1:zero2.json"],
                    help="Ray Train layouts WORKERSxTHREADS:DEEPSPEED_JSON (cluster/deepspeed/), e.g. "
                         "2x1:zero2.json 2x1:zero1.json 1x2:zero1.json")

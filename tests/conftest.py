@@ -44,7 +44,9 @@ def ray_cluster():
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "include_dashboard": False,
-                        "object_store_memory": 512 * 1024**2},
+                        "object_store_memory": 512 * 1024**2,
+                        "_system_config": {"num_workers_soft_limit": 8,
+                                           "idle_worker_killing_time_threshold_ms": 600_000}},
     )
     cluster.add_node(num_cpus=2, object_store_memory=512 * 1024**2)
     cluster.wait_for_nodes()

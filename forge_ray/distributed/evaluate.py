@@ -54,7 +54,8 @@ from forge_ray.core.gr.popularity import PopularityCounter
 from forge_ray.core.gr.trie import SIDTrie
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.distributed import gr_data
-from forge_ray.distributed.dataset import read_sequences
+from forge_ray.distributed.assign import partitions_for
+from forge_ray.distributed.dataset import dataset_manifest, read_sequences
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, check_output, read_manifest, write_manifest
@@ -164,13 +165,24 @@ def _training_items(batch: pa.Table, holdout: int) -> pa.Table:
     return pa.table({"item_id": flat})
 
 
+def _top_counts(batch: pa.Table, k: int) -> pa.Table:
+    """The ``k`` highest-count rows of a batch of (item_id, count()) rows."""
+    top = PopularityCounter(batch["item_id"].to_numpy(), batch["count()"].to_numpy()).top(k)
+    keep = np.isin(batch["item_id"].to_numpy(), top[top >= 0])
+    return batch.filter(pa.array(keep))
+
+
 def popular_items(dataset: str | os.PathLike, k: int, holdout: int = 2) -> np.ndarray:
     """(k,) most interacted item ids of the training parts (all but the last ``holdout``
     items), ties by ascending id (:class:`PopularityCounter` order), -1 padded; counted
-    with a distributed groupby."""
+    with a distributed groupby (one partition per million interactions: a shuffle's
+    partitions each cost a task however small the data), then each batch's own top
+    ``k`` (every item's count lies in one batch, so their union holds the global top)."""
+    interactions = int(dataset_manifest(dataset).get("counts", {}).get("interactions") or 0)
     counts = read_sequences(dataset, columns=["item_ids"]).map_batches(
-        _training_items, batch_format="pyarrow", fn_kwargs={"holdout": holdout}).groupby("item_id").count()
-    top = counts.sort(["count()", "item_id"], descending=[True, False]).take(k)
+        _training_items, batch_format="pyarrow", fn_kwargs={"holdout": holdout}).groupby(
+        "item_id", num_partitions=partitions_for(interactions)).count()
+    top = counts.map_batches(_top_counts, batch_format="pyarrow", fn_kwargs={"k": k}).take_all()
     counter = PopularityCounter(np.asarray([r["item_id"] for r in top], np.int64),
                                 np.asarray([r["count()"] for r in top], np.int64))
     return counter.top(k)

@@ -3,19 +3,22 @@
 Everything arrives through the loop config (never globals). Each rank streams its
 shard of the items (``get_dataset_shard("train")``) and, when the dataset has
 co-occurrence pairs, of the joined pair embeddings (``"pairs"``), cycling through
-epochs until the step budget is spent; Ray Train splits both with ``equal=True``,
-so every rank reaches an epoch end at the same step. DeepSpeed (ZeRO 1/2 from the
+epochs until the step budget is spent, each epoch through a reseeded local shuffle
+buffer (``shuffle_buffer`` rows); Ray Train splits both with ``equal=True``, so every
+rank reaches an epoch end at the same step. DeepSpeed (ZeRO 1/2 from the
 JSON) owns the optimizer. Per step, besides DeepSpeed's gradient reduction, one
 all-reduce carries the NaN flag and every level's codebook statistics (EMA, dead-code
 restart); codebooks are broadcast only at steps that restart codes.
 
 Memory per rank: the model, its optimizer partition, one reconstruction batch and
-one pair batch (``train.batch_size`` / ``train.pair_batch_size`` rows).
+one pair batch (``train.batch_size`` / ``train.pair_batch_size`` rows), and the two
+shuffle buffers (``shuffle_buffer`` rows of D and of 2 x D floats).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import time
@@ -36,12 +39,15 @@ from forge_ray.distributed.train_common import RunReporter, init_deepspeed
 FINAL_DIR = "final_quantizer"  # rank 0 saves the trained quantizer here, inside run_dir
 
 
-def _batches(name: str, batch_size: int):
-    """Endless (B, ...) tensor batches of this rank's shard of dataset ``name``."""
+def _batches(name: str, batch_size: int, shuffle_rows: int, seed: int):
+    """Endless (B, ...) tensor batches of this rank's shard of dataset ``name``, shuffled
+    through ``shuffle_rows`` rows with a new seed every epoch (0: the stored order)."""
     shard = ray.train.get_dataset_shard(name)
-    while True:
+    for epoch in itertools.count():
         empty = True
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=shuffle_rows or None,
+                                              local_shuffle_seed=seed + epoch if shuffle_rows else None):
             empty = False
             yield batch
         if empty:
@@ -88,8 +94,10 @@ def rqvae_worker(cfg: dict) -> None:
     module.train()
     broadcast = _broadcast_hook(engine.device)
     has_pairs = cfg["has_pairs"]
-    recon_it = _batches("train", train["batch_size"])
-    pair_it = _batches("pairs", train["pair_batch_size"]) if has_pairs else None
+    # Seeds differ per rank and per resumed attempt (a resume restarts the epoch count).
+    seed = train["seed"] * 1_000_003 + 1_009 * rank + step
+    recon_it = _batches("train", train["batch_size"], cfg["shuffle_buffer"], seed)
+    pair_it = _batches("pairs", train["pair_batch_size"], cfg["shuffle_buffer"], seed) if has_pairs else None
     bar = tqdm(total=total, initial=step, desc="train-sid", disable=rank != 0 or not train["progress"])
     window: dict[str, list[float]] = {}  # metrics since the last log line (steps alternate kinds)
     world, window_rows, window_start = ray.train.get_context().get_world_size(), 0, time.perf_counter()

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from forge_ray.data.schema import embeddings_to_numpy
+from forge_ray.data.schema import embedding_array, embeddings_to_numpy
 from forge_ray.data.cooccurrence import cooccurrence_pairs
 from forge_ray.distributed.dataset import read_items, read_pairs, read_sequences
 from forge_ray.errors import InputError
@@ -38,50 +38,77 @@ def _sequence_pairs(batch: pa.Table, window: int) -> pa.Table:
     return pa.table({"item_a": a, "item_b": b})
 
 
+def _pair_embeddings(batch: pa.Table, ids: np.ndarray, x: np.ndarray) -> pa.Table:
+    """(item_a, item_b) rows -> (emb_a, emb_b) looked up in the broadcast (N,) sorted
+    ``ids`` / (N, D) ``x``; pairs with an unknown item drop out (as an inner join)."""
+    rows, known = [], np.ones(len(batch), bool)
+    for side in ("item_a", "item_b"):
+        want = batch[side].to_numpy()
+        at = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
+        known &= ids[at] == want
+        rows.append(at)
+    return pa.table({"emb_a": embedding_array(x[rows[0][known]]),
+                     "emb_b": embedding_array(x[rows[1][known]])})
+
+
 def training_pairs(dataset, manifest: dict, pair_window: int) -> tuple[ray.data.Dataset | None, int]:
-    """(item_a, item_b) pair rows and their number: the dataset's ``pairs`` table, or
-    with ``pair_window`` > 0 the co-occurrences of each user's training part
-    (:mod:`forge_ray.data.cooccurrence`; never a validation or test target)."""
+    """(item_a, item_b) pair rows (None: no pairs) and an upper bound on their number:
+    the dataset's ``pairs`` table, or with ``pair_window`` > 0 the co-occurrences of
+    each user's training part (:mod:`forge_ray.data.cooccurrence`; never a validation
+    or test target; at most ``pair_window`` per interaction)."""
+    counts = manifest.get("counts", {})
     if pair_window:
         if not (Path(dataset) / "sequences").is_dir():
             raise InputError(dataset, "pairs.window needs a sequences table to build pairs from")
         pairs = read_sequences(dataset, columns=["item_ids"]).map_batches(
             _sequence_pairs, batch_format="pyarrow", fn_kwargs={"window": pair_window})
-        return pairs, pairs.count()
-    n_pairs = int(manifest.get("counts", {}).get("pairs") or 0)
+        return pairs, pair_window * int(counts.get("interactions") or 0)
+    n_pairs = int(counts.get("pairs") or 0)
     if not n_pairs or not (Path(dataset) / "pairs").is_dir():
         return None, 0
     return read_pairs(dataset), n_pairs
 
 
-def training_datasets(dataset, manifest: dict, pairs_dir: Path, pair_window: int = 0
-                      ) -> tuple[dict[str, ray.data.Dataset], int]:
+def training_datasets(dataset, manifest: dict, pairs_dir: Path, pair_window: int = 0,
+                      broadcast_mb: float = 0.0) -> tuple[dict[str, ray.data.Dataset], int]:
     """``{"train": x (B, D)}`` plus ``"pairs": a, b (B, D)`` when there are pairs
-    (:func:`training_pairs`), and the number of pairs.
+    (:func:`training_pairs`), and the number of pairs trained on.
 
-    The pairs are joined to both items' embeddings once, with two Ray Data hash
-    joins (pairs whose items are missing drop out), written as Parquet to
-    ``pairs_dir`` (2 x D floats per pair on disk; reused when a run resumes) and
-    streamed from there every epoch, so no epoch repeats the shuffle and nothing
-    is materialised in one process.
+    The pairs are joined to both items' embeddings once (pairs whose items are
+    missing drop out), written as Parquet to ``pairs_dir`` (2 x D floats per pair on
+    disk; reused when a run resumes; their count read from its footers) and streamed
+    from there every epoch, so no epoch repeats the join. Items whose embeddings take
+    at most ``broadcast_mb`` MiB are loaded once and broadcast to the map tasks (a hash
+    join's shuffle actors cost tens of seconds however small the data); larger ones go
+    through two Ray Data hash joins, so nothing is materialised in one process.
     """
     items = read_items(dataset)
     out = {"train": items.map_batches(_as_tensor, batch_format="pyarrow",
                                       fn_kwargs={"columns": {"embedding": "x"}})}
-    pairs, n_pairs = training_pairs(dataset, manifest, pair_window)
-    if not n_pairs:
+    pairs, most = training_pairs(dataset, manifest, pair_window)
+    if pairs is None:
         return out, 0
     if not pairs_dir.is_dir():
-        parts = max(1, math.ceil(n_pairs / ROWS_PER_JOIN_PARTITION))
-        emb = items.select_columns(["item_id", "embedding"])
-        joined = pairs
-        for side in ("a", "b"):
-            joined = joined.join(
-                emb.rename_columns({"item_id": f"item_{side}", "embedding": f"emb_{side}"}),
-                "inner", num_partitions=parts, on=(f"item_{side}",))
+        items_mb = manifest["counts"]["items"] * manifest["embedding_dim"] * 4 / 2**20
+        if items_mb <= broadcast_mb:
+            ids, x = load_embeddings(dataset)
+            joined = pairs.map_batches(_pair_embeddings, batch_format="pyarrow",
+                                       fn_kwargs={"ids": ids, "x": x})
+        else:
+            parts = max(1, math.ceil(most / ROWS_PER_JOIN_PARTITION))
+            emb = items.select_columns(["item_id", "embedding"])
+            joined = pairs
+            for side in ("a", "b"):
+                joined = joined.join(
+                    emb.rename_columns({"item_id": f"item_{side}", "embedding": f"emb_{side}"}),
+                    "inner", num_partitions=parts, on=(f"item_{side}",))
         with atomic_dir(pairs_dir) as tmp:
             joined.select_columns(["emb_a", "emb_b"]).write_parquet(os.fspath(tmp))
-    out["pairs"] = ray.data.read_parquet(os.fspath(pairs_dir)).map_batches(
+    files = sorted(pairs_dir.glob("*.parquet"))
+    n_pairs = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if not n_pairs:
+        return out, 0
+    out["pairs"] = ray.data.read_parquet([os.fspath(f) for f in files]).map_batches(
         _as_tensor, batch_format="pyarrow", fn_kwargs={"columns": {"emb_a": "a", "emb_b": "b"}})
     return out, n_pairs
 

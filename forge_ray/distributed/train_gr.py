@@ -180,7 +180,10 @@ def _worker(cfg: dict) -> None:
         collate = collate_seq2seq if model_cfg.arch == "t5" else collate_causal
     shard = ray.train.get_dataset_shard("train")
     higher = t["early_stop_metric"] != "valid_loss"
-    tokens, targets, t0, stop = 0.0, 0.0, time.perf_counter(), False
+    # Rates are over the window since the last log line, so start-up, checkpoints and
+    # validation passes do not blur the steady state; ``data_wait`` is the share of the
+    # window this rank spent blocked on its Ray Data shard and the collate.
+    tokens, targets, t0, stop, waiting = 0.0, 0.0, time.perf_counter(), False, _Wait()
 
     def checkpoint(metrics: dict, finished: bool = False) -> None:
         client = {"epoch": epoch, "micro_in_epoch": micro, "history": history, "best": best,
@@ -189,11 +192,13 @@ def _worker(cfg: dict) -> None:
 
     micro = done_in_epoch
     while epoch < t["epochs"] and step < total and not stop:
-        for i, batch in enumerate(_micro_batches(shard, t, epoch)):
+        for i, batch in enumerate(waiting.timed(_micro_batches(shard, t, epoch))):
             if i < done_in_epoch:  # resumed mid-epoch: skip what was trained on
                 continue
+            collate_start = time.perf_counter()
             # batches are read-only views: copy rows before torch takes them
             b = collate([np.array(x) for x in batch["input_ids"]], list(batch["labels"]), vocab)
+            waiting.seconds += time.perf_counter() - collate_start
             loss = engine(**b).loss
             if int(engine.global_steps) + 1 == cfg["nan_step"]:  # fault injection for tests
                 loss = loss * float("nan")
@@ -212,16 +217,19 @@ def _worker(cfg: dict) -> None:
                 continue  # inside a gradient accumulation window
             step = int(engine.global_steps)
             reporter.progress(step)
-            if step % t["log_every"] == 0 and rank == 0:
+            if step % t["log_every"] == 0:
                 elapsed = time.perf_counter() - t0
                 rate = tokens / elapsed
                 row = {"train/loss": float(stats[0]) / world,
                        "train/lr": engine.get_lr()[0], "train/tokens_per_s": rate,
-                       "train/targets_per_s": targets / elapsed,
+                       "train/targets_per_s": targets / elapsed, "train/data_wait": waiting.seconds / elapsed,
                        "train/skipped_steps": int(engine.skipped_steps)}
                 reporter.log(row, step)
-                log.info(f"[train-gr] step {step}/{total} epoch {epoch} loss {row['train/loss']:.4f} "
-                         f"{rate:,.0f} tok/s")
+                if rank == 0:
+                    log.info(f"[train-gr] step {step}/{total} epoch {epoch} loss {row['train/loss']:.4f} "
+                             f"{rate:,.0f} tok/s, {row['train/data_wait']:.0%} waiting for data")
+                tokens, targets, waiting.seconds, t0 = 0.0, 0.0, 0.0, time.perf_counter()
+            paused = time.perf_counter()  # validation and checkpoints stay out of the rates
             if cfg["validate"] and (step % t["eval_every"] == 0 or step >= total):
                 metrics = _validate(engine.module, vocab, trie, valid, t)  # the same on every rank
                 value = metrics[t["early_stop_metric"]]
@@ -240,12 +248,31 @@ def _worker(cfg: dict) -> None:
                 break
             if step % cfg["checkpoint_every"] == 0:
                 checkpoint({})
+            t0 += time.perf_counter() - paused
         else:  # the epoch ran out (no break): the next one starts from its beginning
             epoch, done_in_epoch, micro = epoch + 1, 0, 0
     if reporter.skipped_most(engine, step):
         return
     checkpoint({"best": best, "stopped_early": stop}, finished=True)
     reporter.close()
+
+
+class _Wait:
+    """Seconds spent waiting for input since the last reset (``seconds = 0``)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, items: Iterator) -> Iterator:
+        """Yield from ``items``, adding the time each ``next`` blocks to ``seconds``."""
+        it, end = iter(items), object()
+        while True:
+            start = time.perf_counter()
+            item = next(it, end)
+            self.seconds += time.perf_counter() - start
+            if item is end:
+                return
+            yield item
 
 
 def _micro_batches(shard, t: dict, epoch: int) -> Iterator[dict[str, np.ndarray]]:

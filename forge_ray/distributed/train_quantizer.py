@@ -51,6 +51,11 @@ class TrainSidConfig:
         releases ship one); N > 0: co-occurrences at most N positions apart in each
         user's training part (all but the last two items), for datasets of
         interactions only (Amazon reviews).
+    shuffle_buffer: RQ-VAE on Ray Train: rows each worker shuffles its shards through,
+        reseeded every epoch, so batches (and the contrastive loss's in-batch
+        negatives) change from epoch to epoch as the in-process loop's uniform sampling
+        does; 0 keeps the stored order, the same batches every epoch. Memory per
+        worker: about ``shuffle_buffer`` x 3 x D x 4 bytes (items and pairs).
     """
 
     quantizer: Literal["rqvae", "rq_kmeans", "rq_kmeans_balanced"] = "rqvae"
@@ -60,6 +65,7 @@ class TrainSidConfig:
     epochs: float = 0.0
     warmup_epochs: float = 0.0
     pair_window: int = 0
+    shuffle_buffer: int = 16_384
     in_process_max_items: int = 1_000_000  # RQ-KMeans: fit in the driver up to this many items
     scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
     storage_path: str = ""  # default: <MODEL_DIR parent>/runs
@@ -71,6 +77,7 @@ class TrainSidConfig:
                 "warmup_epochs must not exceed epochs")
         require(self.in_process_max_items >= 0, "in_process_max_items must be >= 0")
         require(self.pair_window >= 0, "pair_window must be >= 0")
+        require(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
         if self.quantizer == "rq_kmeans_balanced":
             self.rq_kmeans.balanced = True
 
@@ -197,7 +204,7 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
                                                train.seed)
         model.init_codebooks(sample)
     datasets, n_pairs = sid_outputs.training_datasets(dataset, manifest, run_dir / "forge_ray" / "pair_embeddings",
-                                                      cfg.pair_window)
+                                                      cfg.pair_window, broadcast_mb=cfg.scale.cache_mb)
     has_pairs = n_pairs > 0
     embedding_mb = manifest["embedding_dim"] * 4 / 2**20  # one float32 embedding
     embeddings = {"train": items, "pairs": 2 * n_pairs}
@@ -208,7 +215,7 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
         "rqvae": to_dict(cfg.rqvae), "train": {**to_dict(train), "progress": train.progress and logs.bars()},
         "init_state": model.state_dict(),
         "total_steps": total, "warmup_steps": warmup, "checkpoint_every": cfg.scale.checkpoint_every,
-        "has_pairs": has_pairs, "run_dir": os.fspath(run_dir / "forge_ray"), "fingerprint": fp,
+        "has_pairs": has_pairs, "shuffle_buffer": cfg.shuffle_buffer, "run_dir": os.fspath(run_dir / "forge_ray"), "fingerprint": fp,
         "torch_threads": cfg.scale.torch_threads, "faults": injected_faults(), "log_levels": logs.worker_levels(),
         "deepspeed": deepspeed_config(cfg.scale.deepspeed_config, micro_batch=train.batch_size,
                                       grad_accum=1, world_size=workers, lr=train.lr,
