@@ -29,7 +29,7 @@ streaming pass that never reads back what it wrote.
    table.
 
 Memory: an encoder actor holds the quantizer plus one batch (B x max(K) costs); a
-writer holds one block (a partition: about ``ROWS_PER_PARTITION`` rows x (L + k)
+writer holds one block (a partition: about ``dataset.ROWS_PER_PARTITION`` rows x (L + k)
 codes); the driver holds one summary row per part. The output is written into a
 temporary sibling and renamed at the end (:func:`~forge_ray.io.atomic_dir`).
 """
@@ -37,7 +37,6 @@ temporary sibling and renamed at the end (:func:`~forge_ray.io.atomic_dir`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import uuid
@@ -58,14 +57,13 @@ from forge_ray.core.sid.collisions import CollisionConfig, group_levels, resolve
 from forge_ray.core.sid.export import SidTableWriter, SidTokenWriter
 from forge_ray.core.sid.metrics import histogram_quality
 from forge_ray.data.schema import DEFAULT_ROWS_PER_SHARD, embeddings_to_numpy
-from forge_ray.distributed.dataset import dataset_manifest, parquet_rows, read_items
+from forge_ray.distributed.dataset import dataset_manifest, parquet_rows, partitions_for, read_items
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.distributed.sid_counts import items_per_key
 from forge_ray.errors import ConfigError, InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
 from forge_ray.sid_table import EXPORTS, SIDS_KIND, codes_array, export_paths, list_codes, sid_files
 
-ROWS_PER_PARTITION = 1_000_000  # shuffle partition size of the groupbys
 WRITER_CPUS = 0.25  # a writer is mostly Parquet/CSV encoding: let it run beside the actors
 
 
@@ -120,10 +118,6 @@ class AssignConfig:
 # ----------------------------------------------------------------------------- arrays
 
 _MASK64 = (1 << 64) - 1
-
-
-def partitions_for(rows: int, configured: int = 0) -> int:
-    return configured or max(1, math.ceil(rows / ROWS_PER_PARTITION))
 
 
 def id_checksum(item_ids: np.ndarray) -> tuple[int, int, int]:

@@ -16,6 +16,8 @@ from forge_ray.data.schema import DATASET_KIND, TABLES, sequences_schema
 from forge_ray.errors import InputError
 from forge_ray.io import read_manifest
 
+ROWS_PER_PARTITION = 1_000_000  # shuffle partition size of the groupbys over items/interactions
+
 
 def dataset_manifest(path: str | os.PathLike) -> dict:
     """The dataset's manifest (raises InputError if ``path`` is not a dataset)."""
@@ -46,6 +48,12 @@ def read_pairs(path: str | os.PathLike, **read_args) -> ray.data.Dataset:
 def read_sequences(path: str | os.PathLike, **read_args) -> ray.data.Dataset:
     """``user_id`` int64 and ``item_ids`` list<int64> in time order."""
     return read_table(path, "sequences", **read_args)
+
+
+def partitions_for(rows: int, configured: int = 0) -> int:
+    """Shuffle partitions for a groupby over ``rows`` rows: ``configured`` if set, else
+    one per ``ROWS_PER_PARTITION`` rows (a partition's block is what one reducer holds)."""
+    return configured or max(1, math.ceil(rows / ROWS_PER_PARTITION))
 
 
 def parquet_rows(folder: str | os.PathLike, list_column: str | None = None) -> int:

@@ -54,8 +54,7 @@ from forge_ray.core.gr.popularity import PopularityCounter
 from forge_ray.core.gr.trie import SIDTrie
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.distributed import gr_data
-from forge_ray.distributed.assign import partitions_for
-from forge_ray.distributed.dataset import dataset_manifest, read_sequences
+from forge_ray.distributed.dataset import dataset_manifest, partitions_for, read_sequences
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, check_output, read_manifest, write_manifest
