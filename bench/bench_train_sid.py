@@ -12,6 +12,7 @@
 
 Usage: python bench/bench_train_sid.py [--items 20000] [--dim 64] [--steps 60]
        python bench/bench_train_sid.py --forge-size [--items 40000] [--steps 40]
+           [--deepspeed zero2.json zero0.json]
 """
 
 from __future__ import annotations
@@ -85,19 +86,22 @@ def rqvae_bench(ds: Path, x: np.ndarray, work: Path, dim: int, steps: int) -> di
     return out
 
 
-def ray_rates(ds: Path, work: Path, overrides: list[str], workers: int) -> tuple[float, float]:
+def ray_rates(ds: Path, work: Path, overrides: list[str], workers: int,
+              run: str = "") -> tuple[float, float]:
     """-> (median samples/s of the workers' log windows after the first, stage wall s)."""
+    run = run or f"w{workers}"
     cfg = load_config(TrainSidConfig, "configs/ci/train_sid.yaml",
-                      [*overrides, f"scale.num_workers={workers}", f"run_name=w{workers}"])
+                      [*overrides, f"scale.num_workers={workers}", f"run_name={run}"])
     t = time.perf_counter()
-    train_sid(ds, work / f"model_w{workers}", cfg)
+    train_sid(ds, work / f"model_{run}", cfg)
     wall = time.perf_counter() - t
-    rows = read_jsonl(work / "runs" / f"w{workers}" / "forge_ray" / "metrics.jsonl")
+    rows = read_jsonl(work / "runs" / run / "forge_ray" / "metrics.jsonl")
     return float(np.median([r["samples_per_s"] for r in rows[1:]])), wall  # rows[0]: warm-up
 
 
-def forge_size_bench(work: Path, items: int, steps: int) -> dict:
-    """FORGE's RQ-VAE size, pairs on: 1 vs 2 workers (1 thread each)."""
+def forge_size_bench(work: Path, items: int, steps: int, ds_configs: list[str]) -> dict:
+    """FORGE's RQ-VAE size, pairs on: 1 worker with the first of ``ds_configs`` vs 2
+    workers with each of them (1 thread per worker)."""
     make_dataset(work / "ds", items, 512, n_pairs=items)
     overrides = ["rqvae.in_dim=512", "rqvae.hidden_dims=[256,256]", "rqvae.latent_dim=64",
                  "rqvae.sizes=[8192,8192,8192]", "rqvae.kmeans_init_samples=16384",
@@ -107,10 +111,14 @@ def forge_size_bench(work: Path, items: int, steps: int) -> dict:
                  "scale.cpus_per_worker=0.5", "scale.cache_mb=1024", f"storage_path={work / 'runs'}",
                  "scale.torch_threads=1"]
     out = {"items": items, "steps": steps}
-    for workers in (1, 2):
-        rate, wall = ray_rates(work / "ds", work, overrides, workers)
-        out[f"ray_{workers}w_samples_per_s"], out[f"ray_{workers}w_stage_wall_s"] = rate, wall
-    out["ray_2w_over_1w"] = out["ray_2w_samples_per_s"] / out["ray_1w_samples_per_s"]
+    for workers, ds in [(1, ds_configs[0]), *((2, d) for d in ds_configs)]:
+        key = f"ray_{workers}w_{Path(ds).stem}"
+        rate, wall = ray_rates(work / "ds", work, [*overrides, f"scale.deepspeed_config={ds}"], workers,
+                               run=key)
+        out[f"{key}_samples_per_s"], out[f"{key}_stage_wall_s"] = rate, wall
+    one = out[f"ray_1w_{Path(ds_configs[0]).stem}_samples_per_s"]
+    for ds in ds_configs:
+        out[f"ray_2w_{Path(ds).stem}_over_1w"] = out[f"ray_2w_{Path(ds).stem}_samples_per_s"] / one
     return out
 
 
@@ -143,11 +151,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--forge-size", action="store_true",
                         help="FORGE-size RQ-VAE with pairs, 1 vs 2 workers only")
+    parser.add_argument("--deepspeed", nargs="+", default=["zero2.json"],
+                        help="--forge-size: DeepSpeed JSONs (cluster/deepspeed/); 1 worker runs the "
+                             "first, 2 workers run each")
     args = parser.parse_args()
     faiss.omp_set_num_threads(1)
     if args.forge_size:
         with tempfile.TemporaryDirectory() as tmp, ray_session(num_cpus=4):
-            print(json.dumps(forge_size_bench(Path(tmp), args.items, args.steps), indent=2))
+            print(json.dumps(forge_size_bench(Path(tmp), args.items, args.steps, args.deepspeed), indent=2))
         return
     with tempfile.TemporaryDirectory() as tmp, ray_session(num_cpus=4):
         work = Path(tmp)
