@@ -166,7 +166,8 @@ def test_contrastive_pairs_from_the_sequences_training_part(ray_cluster, tmp_pat
     seqs = [ids[rng.integers(0, N, rng.integers(3, 9))] for _ in range(120)]
     with ShardWriter(folder / "sequences", sequences_schema(), rows_per_shard=50) as w:
         w.write(pa.table({"user_id": np.arange(120, dtype=np.int64), "item_ids": seqs}, schema=sequences_schema()))
-    cfg = tiny("train.steps=6", "pair_window=1", "train.pair_batch_size=16", tmp_path=tmp_path)
+    cfg = tiny("train.steps=6", "pair_window=1", "train.pair_batch_size=16",
+               "scale.deepspeed_config=zero0.json", tmp_path=tmp_path)  # as configs/amazon
     train_sid(folder, tmp_path / "m", cfg)
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert metrics["contrastive_pairs"] == len(cooccurrence_pairs(seqs, 1)[0]) > 0
