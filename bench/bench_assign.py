@@ -7,7 +7,9 @@
 * a large float32 matmul (torch) as the machine's measured peak, and the fraction of
   it that the nearest-code search reaches (2 * N * K * d FLOPs per level).
 
-Usage: ``python bench/bench_assign.py --items 100000 --dim 64 --sizes 256 256 256``.
+Usage: ``python bench/bench_assign.py --items 100000 --dim 64 --sizes 256 256 256``;
+``--strategies none`` runs one strategy only, ``--partitions 0`` lets ``assign`` size its
+shuffle (one partition per 1M items) as a user's run does, for a memory series over N.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def main():
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 256, 256])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--strategies", nargs="+", default=["none", "cap"], choices=["none", "cap"])
+    ap.add_argument("--partitions", type=int, default=2,
+                    help="collision-groupby partitions (0: assign's own, one per 1M items)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -92,16 +97,17 @@ def main():
         write_manifest(tmp / "data", "dataset", counts={"items": n}, embedding_dim=d,
                        embedding_dtype="float32")
         q.save(tmp / "model")
-        for strategy in ("none", "cap"):
+        for strategy in args.strategies:
             cfg = load_config(AssignConfig, None, [f"collisions.strategy={strategy}", "pool.actors=2",
-                                                   "pool.batch_size=8192", "partitions=2"])
+                                                   "pool.batch_size=8192",
+                                                   f"partitions={args.partitions}"])
             with PeakRss(period=0.2) as rss:
                 ray_times[strategy], _ = timed(lambda: assign(tmp / "model", tmp / "data",
                                                               tmp / f"sids_{strategy}", cfg))
             ray_rss[strategy] = rss.matching("Encoder")
     ray.shutdown()
 
-    print(f"items={n} dim={d} sizes={sizes} threads={args.threads}")
+    print(f"items={n} dim={d} sizes={sizes} threads={args.threads} partitions={args.partitions}")
     print(f"core encode (1 process)       : {n / t_core:12,.0f} items/s")
     print(f"faiss RQ compute_codes        : {n / t_faiss:12,.0f} items/s  (codes agree {agree:.4f})")
     for s, t in ray_times.items():
@@ -109,7 +115,8 @@ def main():
         print(f"Ray Data assign ({s:4s}, e2e)  : {n / t:12,.0f} items/s  ({t:.1f} s; "
               f"{n / t / (n / t_core):.3f}x core; peak RSS per encoder actor {mib} MiB)")
     print(f"ratio core/faiss              : {t_faiss / t_core:.2f}x")
-    print(f"ratio ray(none)/core          : {t_core / ray_times['none']:.3f}x")
+    for s, t in ray_times.items():
+        print(f"ratio ray({s})/core{' ' * (10 - len(s))}: {t_core / t:.3f}x")
     print(f"matmul peak                   : {peak:8.1f} GFLOP/s")
     print(f"nearest-code search           : {flops / t_core / 1e9:8.1f} GFLOP/s = "
           f"{flops / t_core / 1e9 / peak:.1%} of peak (core), "
