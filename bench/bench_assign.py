@@ -116,7 +116,7 @@ def main():
               f"{n / t / (n / t_core):.3f}x core; peak RSS per encoder actor {mib} MiB)")
     print(f"ratio core/faiss              : {t_faiss / t_core:.2f}x")
     for s, t in ray_times.items():
-        print(f"ratio ray({s})/core{' ' * (10 - len(s))}: {t_core / t:.3f}x")
+        print(f"{f'ratio ray({s})/core':30s}: {t_core / t:.3f}x")
     print(f"matmul peak                   : {peak:8.1f} GFLOP/s")
     print(f"nearest-code search           : {flops / t_core / 1e9:8.1f} GFLOP/s = "
           f"{flops / t_core / 1e9 / peak:.1%} of peak (core), "
