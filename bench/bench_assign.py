@@ -113,10 +113,8 @@ def main():
     for s, t in ray_times.items():
         mib = ", ".join(f"{b / 2**20:,.0f}" for b in ray_rss[s])
         print(f"Ray Data assign ({s:4s}, e2e)  : {n / t:12,.0f} items/s  ({t:.1f} s; "
-              f"{n / t / (n / t_core):.3f}x core; peak RSS per encoder actor {mib} MiB)")
+              f"{t_core / t:.3f}x core; peak RSS per encoder actor {mib} MiB)")
     print(f"ratio core/faiss              : {t_faiss / t_core:.2f}x")
-    for s, t in ray_times.items():
-        print(f"{f'ratio ray({s})/core':30s}: {t_core / t:.3f}x")
     print(f"matmul peak                   : {peak:8.1f} GFLOP/s")
     print(f"nearest-code search           : {flops / t_core / 1e9:8.1f} GFLOP/s = "
           f"{flops / t_core / 1e9 / peak:.1%} of peak (core), "
