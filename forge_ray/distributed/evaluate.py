@@ -24,6 +24,10 @@ once whether GR earns its cost:
   the history's mean, history items excluded. Every actor holds the index (4 x D
   bytes per item), so it runs only when that fits ``knn_max_mb``.
 
+GR and most-popular leave each query's history items out of their rankings when the
+model's training data shows users do not come back to items (``exclude_history``;
+:mod:`forge_ray.core.gr.ranking`), the kNN baselines always do.
+
 ``--model`` alone is enough: the data and SID table come from the model's manifest.
 
 Cut-offs: an item list holds the items of the ``num_beams`` returned SIDs in beam
@@ -35,6 +39,7 @@ and one batch's (batch x beams, vocab) logits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -47,10 +52,11 @@ import ray
 import ray.data
 
 from forge_ray.config import require, to_dict
-from forge_ray.core.gr.data import ExampleCounts, ItemSIDTable, prompt_eos
+from forge_ray.core.gr.data import REPEAT_RATE_MAX, ExampleCounts, ItemSIDTable, history_excluded, prompt_eos
 from forge_ray.core.gr.metrics import RetrievalMetrics
 from forge_ray.core.gr.models import MODEL_KIND
 from forge_ray.core.gr.popularity import PopularityCounter
+from forge_ray.core.gr.ranking import drop_items
 from forge_ray.core.gr.trie import SIDTrie
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.distributed import gr_data
@@ -72,6 +78,9 @@ class EvalGRConfig:
         1-CPU actors can starve Ray Data's read tasks on small machines).
     max_queries: score only the first N queries (0 = all).
     popularity / content_knn: score those baselines beside GR (see module doc).
+    exclude_history: leave each query's history items out of the GR and most-popular
+        rankings; ``auto`` does when the model's training data says a history item is
+        almost never the answer (:func:`~forge_ray.core.gr.data.history_excluded`).
     knn_max_mb: largest item-embedding matrix (MiB) the kNN baseline loads per actor.
     """
 
@@ -89,6 +98,7 @@ class EvalGRConfig:
     content_knn: bool = True
     knn_max_mb: float = 2048.0
     max_queries: int = 0
+    exclude_history: Literal["auto"] | bool = "auto"
 
     def __post_init__(self):
         require(self.num_beams >= 1 and self.batch_size >= 1, "num_beams and batch_size must be >= 1")
@@ -140,15 +150,18 @@ class _Decoder:
             truths = [np.asarray(t, dtype=np.int64) for t in batch["target_items"]]
         else:
             truths = [np.asarray([t]) for t in batch["target_item"].tolist()]
+        histories = [np.asarray(h, dtype=np.int64) for h in batch["history_items"]] \
+            if "history_items" in batch else None
+        exclude = histories if self.cfg.exclude_history is True else None
         gr = self.cfg.accumulator()
         beams = generate_sids(self.model, self.vocab, self.trie, prompts, num_beams=self.cfg.num_beams)
-        gr.update_from_beams(beams, self.trie, truths)
+        gr.update_from_beams(beams, self.trie, truths, exclude)
         pop = self.cfg.accumulator()
         if self.popular is not None:
-            pop.update(np.broadcast_to(self.popular, (len(truths), len(self.popular))), truths)
+            ranked = np.broadcast_to(self.popular, (len(truths), len(self.popular)))
+            pop.update(ranked if exclude is None else drop_items(ranked, exclude, pop.max_k), truths)
         knn = {name: self.cfg.accumulator() for name in KNN_QUERIES}
         if self.knn is not None:
-            histories = [np.asarray(h, dtype=np.int64) for h in batch["history_items"]]
             for name, acc in knn.items():
                 acc.update(self.knn.rank(histories, acc.max_k, KNN_QUERIES[name]), truths)
         # the actor's pid lets the driver report how many decoders shared the work
@@ -221,8 +234,27 @@ def evaluate(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: EvalGRCo
     if cfg.split != "test" and not gr_data.is_algr(data) and holdout < 2:
         raise InputError(model_dir, f"a refit (data.train_holdout={holdout}) was trained on the "
                                     f"{cfg.split} items: score it on split=test")
+    exclude, why = _history_rule(cfg, trained, data)
+    cfg = dataclasses.replace(cfg, exclude_history=exclude)
     with surface_user_errors():  # a bad row found by a Ray task reads as one line
-        return _evaluate(cfg, vocab, model_dir, data, sids, out, overwrite, holdout)
+        return _evaluate(cfg, vocab, model_dir, data, sids, out, overwrite, holdout, why)
+
+
+def _history_rule(cfg: EvalGRConfig, trained: dict, data) -> tuple[bool, str]:
+    """(whether the rankings leave out the history items, why), for the report."""
+    if gr_data.is_algr(data):
+        if cfg.exclude_history is True:
+            raise InputError(data, "exclude_history=true needs item histories; an AL-GR test file "
+                                   "gives SID tokens only")
+        return False, "AL-GR queries carry no item histories"
+    if cfg.exclude_history != "auto":
+        return cfg.exclude_history, "set in the config"
+    counts = trained.get("counts") or {}
+    decided = history_excluded(counts)
+    if decided is None:
+        return False, "auto: the model's manifest does not count repeated items (trained before they were)"
+    return decided, (f"auto: {counts['repeats'] / counts['targets']:.2%} of the model's training targets "
+                     f"repeat an item of their history (excluded below {REPEAT_RATE_MAX:.0%})")
 
 
 def trained_holdout(manifest: dict) -> int:
@@ -254,7 +286,7 @@ def _knn_table(cfg: EvalGRConfig, data) -> tuple[np.ndarray, np.ndarray] | str:
 
 
 def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Path,
-              overwrite: bool, holdout: int) -> dict:
+              overwrite: bool, holdout: int, history_why: str) -> dict:
     item_ids, codes = gr_data.load_sid_arrays(sids)
     trie = SIDTrie(codes, item_ids, vocab.sizes)
     algr = gr_data.is_algr(data)
@@ -277,7 +309,9 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
     if cfg.max_queries:
         examples = examples.limit(cfg.max_queries)
     max_k = cfg.accumulator().max_k
-    popular = popular_items(data, max_k, holdout) if cfg.popularity and not algr else None
+    # excluding a history of up to max_history items takes as many more candidates
+    popular_k = max_k + (cfg.data.max_history if cfg.exclude_history else 0)
+    popular = popular_items(data, popular_k, holdout) if cfg.popularity and not algr else None
     knn = _knn_table(cfg, data) if cfg.content_knn else "content_knn is off"
     knn_ref = None if isinstance(knn, str) else [ray.put(knn)]
     # Streaming re-blocking into batch-sized blocks: a small test set read from one
@@ -301,6 +335,7 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
     metrics = {**gr.result(), "invalid_rate": gr.invalid / max(gr.generated, 1),
                "num_queries": gr.queries, "num_beams": cfg.num_beams, "split": cfg.split,
                "decode_actors_used": len(actors), "trained_holdout": holdout,
+               "history_excluded": cfg.exclude_history, "history_excluded_why": history_why,
                "examples": asdict(counts)}
     if popular is not None:
         metrics["popularity"] = {k: v for k, v in pop.result().items() if "@" in k}

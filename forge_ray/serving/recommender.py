@@ -14,7 +14,9 @@ known item is an :class:`~forge_ray.errors.InputError`.
 
 Scores are the log-probability of the item's SID (items sharing a SID share it);
 decoding is the trie-constrained beam search of eval-gr, so every recommended item
-exists. Memory: the model, 8 x (L + 2) bytes per item for trie and table, plus the
+exists. Items of the history itself are left out when the model's training data says
+users do not come back to an item (``exclude_history``, eval-gr's rule:
+:func:`~forge_ray.core.gr.data.history_excluded`). Memory: the model, 8 x (L + 2) bytes per item for trie and table, plus the
 key strings.
 """
 
@@ -28,9 +30,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from forge_ray.core.gr.data import ItemSIDTable, history_input_ids, prompt_eos
+from forge_ray.core.gr.data import ItemSIDTable, history_excluded, history_input_ids, prompt_eos
 from forge_ray.core.gr.decoding import generate_sids
 from forge_ray.core.gr.models import MODEL_KIND, load_model
+from forge_ray.core.gr.ranking import beam_items
 from forge_ray.core.gr.trie import SIDTrie
 from forge_ray.errors import InputError
 from forge_ray.io import read_manifest
@@ -82,21 +85,24 @@ class Recommender:
     """A GR model plus its SID table, ready to answer histories (see module doc)."""
 
     def __init__(self, model, vocab, table: SidTable, max_history: int, num_beams: int = 20,
-                 batch_size: int = 64):
+                 batch_size: int = 64, exclude_history: bool = False):
         self.model, self.vocab = model.eval(), vocab
         self.max_history, self.num_beams, self.batch_size = max_history, num_beams, batch_size
+        self.exclude_history = exclude_history
         self.use_sids(table)
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, sids: str | os.PathLike | None = None,
                  device: str | None = None, num_beams: int | None = None,
-                 batch_size: int = 64) -> "Recommender":
+                 batch_size: int = 64, exclude_history: bool | None = None) -> "Recommender":
         """Load ``GR_DIR`` (from ``forge-ray train-gr``) and its SID table.
 
         sids: a SIDS_DIR to use instead of the one the model was trained on (e.g. a
             newer version made by ``forge-ray add-items``); same codebook sizes.
         device: ``cuda``, ``cpu``, ...; default the GPU when there is one.
         num_beams: beams of the search (default the model's generation config).
+        exclude_history: leave the history's own items out (default: what the model's
+            training counts say, as eval-gr's ``auto``; off when they do not say).
         """
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir, MODEL_KIND)
@@ -111,7 +117,9 @@ class Recommender:
         model.to(device)
         max_history = int(manifest.get("config", {}).get("data", {}).get("max_history", 20))
         beams = num_beams or int(getattr(model.generation_config, "num_beams", 0) or 20)
-        return cls(model, vocab, SidTable.open(sids), max_history, beams, batch_size)
+        if exclude_history is None:
+            exclude_history = bool(history_excluded(manifest.get("counts")))
+        return cls(model, vocab, SidTable.open(sids), max_history, beams, batch_size, exclude_history)
 
     def use_sids(self, table: SidTable | str | os.PathLike) -> None:
         """Answer from another SID table (a new version with cold-start items): the
@@ -168,11 +176,12 @@ class Recommender:
         beams = max(self.num_beams, k)
         out = []
         for start in range(0, len(histories), self.batch_size):
-            chunk = [np.asarray(h, np.int64)[-self.max_history:] for h in histories[start:start + self.batch_size]]
+            full = [np.asarray(h, np.int64) for h in histories[start:start + self.batch_size]]
+            chunk = [h[-self.max_history:] for h in full]
             codes = [self.items.lookup(h)[0] for h in chunk]
             prompts = list(history_input_ids(codes, self.vocab, prompt_eos(self.model.config.is_encoder_decoder)))
             found = generate_sids(self.model, self.vocab, self.trie, prompts, num_beams=beams)
-            items = self.trie.expand(found.codes, k)
+            items = beam_items(self.trie, found.codes, k, full if self.exclude_history else None)
             for row, q in zip(items, range(len(chunk))):
                 keep = row >= 0
                 out.append((row[keep], self._item_scores(found, q, row[keep])))

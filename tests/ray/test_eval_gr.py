@@ -14,6 +14,7 @@ from forge_ray.core.gr.decoding import generate_sids
 from forge_ray.core.gr.metrics import RetrievalMetrics
 from forge_ray.core.gr.models import GRModelConfig, build_model, save_model
 from forge_ray.core.gr.popularity import PopularityCounter
+from forge_ray.core.gr.ranking import drop_items
 from forge_ray.core.gr.trie import SIDTrie
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.errors import InputError
@@ -71,6 +72,8 @@ def test_parallel_eval_equals_single_process(ray_cluster, tmp_path):
     ref_pop.update(pop.rank(len(rows), 20), truths)
     for key, value in got["popularity"].items():
         assert value == pytest.approx(ref_pop.result()[key], rel=1e-12, abs=1e-15), key
+    # this model's manifest counts no repeats: auto keeps the history items
+    assert got["history_excluded"] is False and "does not count" in got["history_excluded_why"]
 
 
 def test_vocabulary_mismatch_is_refused(ray_cluster, tmp_path):
@@ -103,6 +106,8 @@ def test_algr_test_file_scores_like_the_dataset(ray_cluster, tmp_path):
     got = evaluate(tmp_path / "model", tmp_path / "eval_algr", cfg, data=test_file, sids=sids)
     assert got["num_queries"] == 40 and got["invalid_rate"] == 0.0
     assert "popularity" not in got and "training interactions" in got["popularity_skipped"]
+    assert "content_knn" not in got and "no item embeddings" in got["content_knn_skipped"]
+    assert got["history_excluded"] is False and "AL-GR" in got["history_excluded_why"]
     for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "hr@20"):
         assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-15), key
 
@@ -111,6 +116,10 @@ def test_algr_test_file_scores_like_the_dataset(ray_cluster, tmp_path):
     write_algr(test_file, [batch], vocab)
     two = evaluate(tmp_path / "model", tmp_path / "eval_two", cfg, data=test_file, sids=sids)
     assert two["hr@20"] == pytest.approx(want["hr@20"] / 2, rel=1e-12, abs=1e-15)
+
+    with pytest.raises(InputError, match=r"test.tsv: exclude_history=true needs item histories"):
+        evaluate(tmp_path / "model", tmp_path / "eval_excl", eval_config("exclude_history=true"),
+                 data=test_file, sids=sids)
 
     bad = tmp_path / "bad.tsv"
     bad.write_text("id\tsystem\tuser\tanswer\nq1\tsys\thist:C1C5C9\t\n")
@@ -125,7 +134,7 @@ def test_content_knn_baselines_on_the_same_queries(ray_cluster, tmp_path):
     ranking; --model alone finds the data and SID table through the model's manifest."""
     from forge_ray.core.gr.knn import ContentKNN
     from forge_ray.data.schema import ShardWriter, embedding_array, items_schema
-    from forge_ray.distributed.evaluate import evaluate
+    from forge_ray.distributed.evaluate import _knn_table, evaluate
     from forge_ray.distributed.gr_data import sequence_examples
 
     ds, sids, items, codes, users, seqs = build_gr_data(tmp_path)
@@ -133,21 +142,37 @@ def test_content_knn_baselines_on_the_same_queries(ray_cluster, tmp_path):
     with ShardWriter(ds / "items", items_schema(6), rows_per_shard=20) as w:
         w.write(pa.table({"item_id": items, "embedding": embedding_array(emb)}, schema=items_schema(6)))
     write_manifest(ds, "dataset", counts={"sequences": len(users), "items": len(items)}, embedding_dim=6)
-    _, vocab = saved_model(tmp_path / "model")
+    model, vocab = saved_model(tmp_path / "model")
     write_manifest(tmp_path / "model", "gr_model", arch="t5", sizes=list(SIZES), data=str(ds), sids=str(sids))
-    cfg = eval_config("batch_size=8")
+    # history items forced out of the GR and most-popular rankings too (kNN always)
+    cfg = eval_config("batch_size=8", "exclude_history=true")
     got = evaluate(tmp_path / "model", tmp_path / "eval", cfg)  # data and SIDs from the manifest
+    assert got["history_excluded"] is True and got["history_excluded_why"] == "set in the config"
 
     rows = sequence_examples(ds, sids, vocab, "test", cfg.data).take_all()
     truths = [np.asarray([r["target_item"]]) for r in rows]
+    histories = [np.asarray(r["history_items"]) for r in rows]
     knn = ContentKNN(items, emb)
     for name, query in (("last_item", "last"), ("history_mean", "mean")):
         ref = RetrievalMetrics((5, 10), (5, 10), (20,))
-        ref.update(knn.rank([np.asarray(r["history_items"]) for r in rows], 20, query), truths)
+        ref.update(knn.rank(histories, 20, query), truths)
         for key, value in got["content_knn"][name].items():
             assert value == pytest.approx(ref.result()[key], rel=1e-12, abs=1e-15), (name, key)
     assert got["content_knn"]["last_item"] != got["content_knn"]["history_mean"]
     assert got["num_queries"] == 40 and "content_knn_skipped" not in got
-    # too big for knn_max_mb: skipped, and the report says why
-    small = evaluate(tmp_path / "model", tmp_path / "eval_small", eval_config("knn_max_mb=0.0001"))
-    assert "content_knn" not in small and "knn_max_mb" in small["content_knn_skipped"]
+
+    trie = SIDTrie(codes, items, SIZES)
+    beams = generate_sids(model, vocab, trie, [np.asarray(r["input_ids"]) for r in rows], num_beams=8)
+    pop = PopularityCounter()
+    pop.update_from_sequences(seqs, holdout=2)
+    ref, ref_pop, kept = (RetrievalMetrics((5, 10), (5, 10), (20,)) for _ in range(3))
+    ref.update_from_beams(beams, trie, truths, exclude=histories)
+    kept.update_from_beams(beams, trie, truths)
+    ref_pop.update(drop_items(pop.rank(len(rows), 20 + cfg.data.max_history), histories, 20), truths)
+    assert ref.result() != kept.result()  # this untrained model ranks history items
+    for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "hr@20"):
+        assert got[key] == pytest.approx(ref.result()[key], rel=1e-12, abs=1e-15), key
+        assert got["popularity"][key] == pytest.approx(ref_pop.result()[key], rel=1e-12, abs=1e-15), key
+
+    # too big for knn_max_mb: skipped, and the reason goes into the report
+    assert "knn_max_mb" in _knn_table(eval_config("knn_max_mb=0.0001"), ds)

@@ -284,6 +284,7 @@ def test_decoder_only_trains_on_whole_sequences(ray_cluster, tmp_path):
     _, windows = build_examples(users, seqs, table, vocab, "train", 5)
     _, valid = build_examples(users, seqs, table, vocab, "valid", 5)
     assert m["counts"]["targets"] == windows.examples > m["counts"]["examples"]
+    assert m["counts"]["repeats"] == windows.repeats == 0  # these users never come back to an item
     assert m["valid_windows"] == valid.examples  # train.valid_samples=0: all of them
     history = [json.loads(x) for x in (tmp_path / "m" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [4, 8] and all("recall@10" in h for h in history)

@@ -27,7 +27,7 @@ def test_leave_one_out_test_and_valid_with_truncation():
     np.testing.assert_array_equal(test["input_ids"][0], np.append(ids(3, 4, 5), VOCAB.eos_id))
     np.testing.assert_array_equal(test["input_ids"][1], np.append(ids(11), VOCAB.eos_id))
     np.testing.assert_array_equal(test["labels"][2], ids(24))
-    assert c == ExampleCounts(sequences=3, examples=3, unknown_items=1, too_short=0, truncated=1)
+    assert c == ExampleCounts(sequences=3, examples=3, unknown_items=1, too_short=0, truncated=1, targets=3)
     valid, c = build_examples(USERS, SEQS, TABLE, VOCAB, "valid", max_history=3)
     # user 101 is [11, 12] once 99 (no SID) is dropped: too short for a validation example
     assert valid["target_item"].tolist() == [5, 23]
@@ -41,7 +41,7 @@ def test_sliding_window_training_examples():
     assert train["user_id"].tolist() == [100, 100, 100, 102]
     assert train["target_item"].tolist() == [2, 3, 4, 22]
     np.testing.assert_array_equal(train["input_ids"][2], ids(2, 3))
-    assert c == ExampleCounts(sequences=3, examples=4, unknown_items=1, too_short=1, truncated=1)
+    assert c == ExampleCounts(sequences=3, examples=4, unknown_items=1, too_short=1, truncated=1, targets=4)
     merged = c.merge(c)
     assert merged.examples == 8 and merged.unknown_items == 2
 
@@ -138,3 +138,17 @@ def test_train_holdout_moves_the_end_of_the_training_part():
                   lambda: build_sequence_examples(USERS[:1], seq, TABLE, VOCAB, 20, holdout=0)):
         with pytest.raises(ValueError, match="holdout"):
             build()
+
+
+def test_repeated_targets_are_counted_the_same_by_windows_and_chunks():
+    from forge_ray.core.gr.data import build_sequence_examples, repeated
+
+    np.testing.assert_array_equal(repeated(np.array([4, 5, 4, 4, 6, 5])), [0, 0, 1, 1, 0, 1])
+    # user 100 comes back to 2 (twice) and 3 in its training part; user 101's return to
+    # 11 is its validation item, held out with the test item, so not counted
+    seqs = [np.array([1, 2, 3, 2, 3, 2, 8, 9]), np.array([11, 12, 11, 13]), np.array([21, 21])]
+    for min_history, targets in ((1, [2, 3, 2, 3, 2, 12]), (2, [3, 2, 3, 2])):
+        windows, wc = build_examples(USERS, seqs, TABLE, VOCAB, "train", max_history=2, min_history=min_history)
+        _, cc = build_sequence_examples(USERS, seqs, TABLE, VOCAB, max_history=2, min_history=min_history)
+        assert windows["target_item"].tolist() == targets
+        assert wc.repeats == cc.repeats == 3 and wc.targets == cc.targets == len(targets)

@@ -49,6 +49,19 @@ def test_recommend_equals_the_eval_beam_search(run):
     assert items.tolist() == rec.trie.expand(beams.codes, 5)[0].tolist()
 
 
+def test_history_items_left_out_when_asked(run):
+    plain = Recommender.from_dir(run.model)
+    assert plain.exclude_history is False  # the manifest's counts do not say whether users come back
+    # an untrained model answers nearly the same whatever the history: a history of
+    # its own favourites makes them come back
+    hist = plain.recommend_ids([run.item_ids[5:9]], k=3)[0][0][[0, 2]]
+    [(everything, _)] = plain.recommend_ids([hist], k=20)
+    assert set(everything[:5].tolist()) & set(hist.tolist())
+    [(items, scores)] = Recommender.from_dir(run.model, exclude_history=True).recommend_ids([hist], k=5)
+    assert items.tolist() == [i for i in everything.tolist() if i not in set(hist.tolist())][:5]
+    assert len(items) == 5 and scores.tolist() == sorted(scores.tolist(), reverse=True)
+
+
 def test_unknown_only_history_is_a_clear_error(run):
     rec = Recommender.from_dir(run.model)
     with pytest.raises(InputError, match="history 0: no known item in the history"):

@@ -60,7 +60,11 @@ class ExampleCounts:
     unknown_items: int = 0
     too_short: int = 0
     truncated: int = 0
-    targets: int = 0  # predicted items of sequence chunks (windows: one each, = examples)
+    targets: int = 0  # predicted items (sequence chunks: several each; windows: one each)
+    # targets whose item already occurs earlier in the same user's sequence: with
+    # ``targets`` it tells eval-gr and the Recommender whether history items can be
+    # the answer (:func:`history_excluded`)
+    repeats: int = 0
 
     def merge(self, other: "ExampleCounts") -> "ExampleCounts":
         return ExampleCounts(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
@@ -90,6 +94,31 @@ class ItemSIDTable:
         pos = np.minimum(np.searchsorted(self.item_ids, items), len(self.item_ids) - 1)
         found = self.item_ids[pos] == items
         return np.where(found[:, None], self.codes[pos], -1), found
+
+
+def repeated(seq: np.ndarray) -> np.ndarray:
+    """(n,) bool: item j of a sequence already occurs among items 0..j-1."""
+    seq = np.asarray(seq)
+    out = np.ones(len(seq), dtype=bool)
+    out[np.unique(seq, return_index=True)[1]] = False
+    return out
+
+
+REPEAT_RATE_MAX = 0.01
+
+
+def history_excluded(counts: dict | None) -> bool | None:
+    """Whether rankings should skip the query's history items, from a model's
+    training counts (``ExampleCounts`` as a dict, as its manifest stores them): yes
+    when under ``REPEAT_RATE_MAX`` (1%) of its training targets repeated an earlier
+    item of their sequence (Amazon reviews: none), so a history item is almost never
+    the answer and its slot is better given to the next candidate; no when repeats
+    are common (re-purchases, re-plays). None when the counts do not say (AL-GR
+    files, models trained before ``repeats`` was counted)."""
+    counts = counts or {}
+    if not counts.get("targets") or "repeats" not in counts:
+        return None
+    return counts["repeats"] / counts["targets"] < REPEAT_RATE_MAX
 
 
 def split_sequence(seq: np.ndarray, split: Split, min_history: int = 1, holdout: int = 2
@@ -138,12 +167,14 @@ def build_examples(user_ids: np.ndarray, item_seqs: Sequence[np.ndarray], table:
         hist, tgt = split_sequence(seq[found], split, min_history, holdout)
         if not hist:
             counts.too_short += 1
+        else:
+            counts.repeats += int(repeated(seq[found])[[len(h) for h in hist]].sum())
         for h in hist:
             counts.truncated += len(h) > max_history
             histories.append(h[-max_history:])
         targets.append(tgt)
         users.extend([user] * len(hist))
-    counts.examples = len(users)
+    counts.examples = counts.targets = len(users)
     targets = np.concatenate(targets) if targets else np.zeros(0, np.int64)
     codes, _ = table.lookup(np.concatenate(histories) if histories else np.zeros(0, np.int64))
     history_codes = np.split(codes, np.cumsum([len(h) for h in histories])[:-1]) if histories else []
@@ -206,6 +237,7 @@ def build_sequence_examples(user_ids: np.ndarray, item_seqs: Sequence[np.ndarray
         if not chunks:
             counts.too_short += 1
             continue
+        counts.repeats += int(repeated(train_part)[min_history:].sum())  # the chunks' targets
         ids = vocab.codes_to_ids(codes[found][:keep])
         for start, end, context in chunks:
             tokens = ids[start:end].reshape(-1)

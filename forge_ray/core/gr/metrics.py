@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from forge_ray.core.gr.ranking import beam_items
+
 
 def hit_matrix(ranked: np.ndarray, truths: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """ranked: (Q, K) item ids (-1 = empty slot); truths: Q arrays of true item ids.
@@ -86,13 +88,15 @@ class RetrievalMetrics:
             self.sums[name] = self.sums.get(name, 0.0) + float(v.sum())
         self.queries += len(truths)
 
-    def update_from_beams(self, result, trie, truths: Sequence[np.ndarray]) -> None:
+    def update_from_beams(self, result, trie, truths: Sequence[np.ndarray],
+                          exclude: Sequence[np.ndarray] | None = None) -> None:
         """Add a :class:`~forge_ray.core.gr.decoding.BeamResult` of Q queries: counts
-        invalid SIDs, expands the valid ones into items (beam order) and scores them."""
+        invalid SIDs, expands the valid ones into items (beam order), without each
+        query's ``exclude`` items if given, and scores them."""
         generated, invalid = invalid_counts(result, trie)
         self.generated += generated
         self.invalid += invalid
-        self.update(trie.expand(result.codes, self.max_k), truths)
+        self.update(beam_items(trie, result.codes, self.max_k, exclude), truths)
 
     def merge(self, other: "RetrievalMetrics") -> "RetrievalMetrics":
         names = set(self.sums) | set(other.sums)
