@@ -446,10 +446,13 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
     sids = None if sids is None else os.fspath(sids)
     check_output(out, overwrite, kind=MODEL_KIND, inputs=(data, sids))  # before training
     t, scale = cfg.train, cfg.scale
+    world = scale.num_workers
+    # a bad DeepSpeed JSON fails here, before the counting passes over the data
+    ds_config = deepspeed_config(scale.deepspeed_config, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
+                                 world_size=world, lr=t.lr, weight_decay=t.weight_decay, use_gpu=scale.use_gpu)
     with surface_user_errors():  # a bad row found by a Ray task reads as one line
         refit = refits(cfg, data)
         vocab, train_ds, valid_rows, counts, trie = _example_inputs(cfg, data, sids, refit)
-    world = scale.num_workers
     per_step = t.micro_batch * t.grad_accum * world
     if counts.examples < per_step:
         raise InputError(data, f"{counts.examples} training examples, fewer than one global batch "
@@ -474,9 +477,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
             "sequences": cfg.data.train_examples == "sequences" and not is_algr(data),
             "validate": not refit,
             "nan_step": injected_faults()["nan_step"],  # tests only: FORGE_RAY_FAULT_NAN_STEP
-            "ds_config": deepspeed_config(scale.deepspeed_config, micro_batch=t.micro_batch,
-                                          grad_accum=t.grad_accum, world_size=world, lr=t.lr,
-                                          weight_decay=t.weight_decay, use_gpu=scale.use_gpu),
+            "ds_config": ds_config,
             "run_dir": os.fspath((storage / cfg.run.name / "logs").resolve()),
             "fingerprint": fingerprint(shape), "valid_ref": ray.put(valid), "trie_ref": ray.put(trie),
             "log_levels": logs.worker_levels(), "torch_threads": scale.torch_threads}

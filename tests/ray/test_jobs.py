@@ -37,8 +37,10 @@ def job_server(tmp_path_factory):
         "ray-client-server-port", "runtime-env-agent-port", "node-manager-port",
         "object-manager-port")]
     temp = Path("/tmp") / f"frj-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths have a length limit
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM the head otherwise drains its
+    # node for up to 30 s (for Serve proxies on Kubernetes) before stopping
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("ray_head") / "head.log", "w")
     proc = subprocess.Popen(
