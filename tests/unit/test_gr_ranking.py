@@ -15,6 +15,8 @@ def test_drop_items_moves_later_items_up():
     np.testing.assert_array_equal(out, [[5, 7, 8], [1, 2, 3], [-1, -1, -1]])
     # another query's history does not count: 6 is dropped from row 0 only
     np.testing.assert_array_equal(drop_items(ranked[:2], [np.array([6]), np.array([1])], 2), [[5, 7], [2, 3]])
+    big = np.array([[2**50 + 1, 1, 2**50 + 2]])  # any int64 item id (hashed ids of a Parquet source)
+    np.testing.assert_array_equal(drop_items(big, [np.array([1])], 2), [[2**50 + 1, 2**50 + 2]])
 
 
 def test_beam_items_equal_expanding_the_beams_left_after_the_history():

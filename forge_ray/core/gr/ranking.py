@@ -25,17 +25,10 @@ def drop_items(ranked: np.ndarray, exclude: Sequence[np.ndarray], k: int) -> np.
         (Q, k) int64 item ids, -1 padded.
     """
     ranked = np.asarray(ranked, dtype=np.int64)
-    q, m = ranked.shape
-    # each (query, item) pair as one int64: item ids stay below 2**40, queries below 2**23
-    ex_query = np.repeat(np.arange(q, dtype=np.int64), [len(e) for e in exclude])
-    ex_items = np.concatenate([np.asarray(e, np.int64) for e in exclude] or [np.zeros(0, np.int64)])
-    rows = np.repeat(np.arange(q, dtype=np.int64), m)
-    keep = (ranked.reshape(-1) >= 0) & ~np.isin(rows << 40 | ranked.reshape(-1), ex_query << 40 | ex_items)
-    keep = keep.reshape(q, m)
-    rank = np.cumsum(keep, axis=1) - 1  # new rank of every kept entry
-    out = np.full((q, k), -1, dtype=np.int64)
-    sel = keep & (rank < k)
-    out[np.nonzero(sel)[0], rank[sel]] = ranked[sel]
+    out = np.full((len(ranked), k), -1, dtype=np.int64)
+    for q, (row, skip) in enumerate(zip(ranked, exclude)):  # Q x M is small: a batch x beams
+        kept = row[(row >= 0) & ~np.isin(row, np.asarray(skip, np.int64))][:k]
+        out[q, :len(kept)] = kept
     return out
 
 
