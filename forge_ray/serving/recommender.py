@@ -16,8 +16,8 @@ Scores are the log-probability of the item's SID (items sharing a SID share it);
 decoding is the trie-constrained beam search of eval-gr, so every recommended item
 exists. Items of the history itself are left out when the model's training data says
 users do not come back to an item (``exclude_history``, eval-gr's rule:
-:func:`~forge_ray.core.gr.data.history_excluded`). Memory: the model, 8 x (L + 2) bytes per item for trie and table, plus the
-key strings.
+:func:`~forge_ray.core.gr.data.history_excluded`). Memory: the model, 8 x (L + 2)
+bytes per item for trie and table, plus the key strings.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from forge_ray.core.gr.ranking import drop_items
+
 Query = Literal["last", "mean"]
 
 
@@ -71,8 +73,6 @@ class ContentKNN:
             raise ValueError(f"unknown query {query!r}: last or mean")
         extra = max(len(rows[i]) for i in live)  # room for the history items filtered out
         _, found = self.index.search(q, min(k + extra, len(self.item_ids)))
-        for i, hits in zip(live, found):
-            hits = hits[hits >= 0]
-            keep = hits[~np.isin(hits, rows[i])][:k]
-            out[i, : len(keep)] = self.item_ids[keep]
+        ranked = np.where(found >= 0, self.item_ids[np.maximum(found, 0)], -1)
+        out[live] = drop_items(ranked, [histories[i] for i in live], k)
         return out

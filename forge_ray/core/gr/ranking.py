@@ -3,7 +3,7 @@ to an item (Amazon reviews), a history item in the top K is a slot lost.
 
 Whether to drop them is read from the model's training data
 (:func:`~forge_ray.core.gr.data.history_excluded`); eval-gr applies the same rule to GR
-and to the most-popular baseline (content kNN always skips history items), and the
+and to the most-popular baseline (content kNN always skips them, through the same function), and the
 Recommender to what it serves.
 """
 
