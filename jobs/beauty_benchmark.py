@@ -15,12 +15,18 @@ CONFIG (configs/amazon/beauty_cpu.yaml, beauty_tiger_gpu.yaml)::
       train_sid: {config: ..., overrides: [...]}
       assign: ...; train_gr: ...; eval_gr: ...
     refit: true                             # see below
+    ensemble: 2                             # see below
 
 ``refit``: once train-gr has chosen its step on the validation split, a second train-gr
 (``gr_model_refit``) trains the same config on the validation items too
 (``data.train_holdout=1``) for exactly the chosen number of optimizer steps, its decay
 ending there, and eval-gr scores that model on test: the test target then lies one item
 past the training data, as the validation target did when the step was chosen.
+
+``ensemble``: how many models eval-gr decodes as one (the mean of their next-token
+probabilities). The scored model's train-gr (the refit, or train-gr itself without
+one) runs again with ``train.seed=1, 2, ...`` into ``<model>_seed<i>``; each member
+costs one more train-gr and one more decoding pass.
 """
 
 from __future__ import annotations
@@ -50,9 +56,11 @@ class BeautyJobConfig:
     embed_batch_size: int = 64
     embed_actors: int = 1
     refit: bool = False
+    ensemble: int = 1
     stages: dict[str, StageConfig] = field(default_factory=dict)
 
     def __post_init__(self):
+        require(self.ensemble >= 1, f"ensemble must be >= 1 (models decoded together), got {self.ensemble}")
         unknown = set(self.stages) - set(STAGES)
         require(not unknown, f"unknown stage(s) {sorted(unknown)}; known: {list(STAGES)}")
         self.stages = {k: v if isinstance(v, StageConfig) else StageConfig(**v) for k, v in self.stages.items()}
@@ -80,22 +88,25 @@ def run(cfg: BeautyJobConfig) -> dict:
     work = Path(cfg.work_dir)
     raw, emb, quant, sids = work / "raw", work / "dataset", work / "quantizer", work / "sids"
     model, evald = work / "gr_model", work / "eval"
+    train = _with_config(cfg, "train_gr")
     _stage("ingest", [cfg.source, "--out", str(raw)], raw)
     _stage("embed", ["--data", str(raw), "--out", str(emb), "--batch-size", str(cfg.embed_batch_size),
                      "--actors", str(cfg.embed_actors)], emb)
     _stage("train-sid", ["--data", str(emb), "--out", str(quant), *_with_config(cfg, "train_sid")], quant)
     _stage("assign", ["--model", str(quant), "--data", str(emb), "--out", str(sids),
                       *_with_config(cfg, "assign")], sids)
-    _stage("train-gr", ["--data", str(emb), "--sids", str(sids), "--out", str(model),
-                        *_with_config(cfg, "train_gr")], model)
+    _stage("train-gr", ["--data", str(emb), "--sids", str(sids), "--out", str(model), *train], model)
     if cfg.refit:
         chosen = json.loads((model / "metrics.json").read_text())["selected"]
         print(f"[beauty] refit: {chosen['step']} steps, the step train-gr kept ({chosen['why']})", flush=True)
         model = work / "gr_model_refit"
-        _stage("train-gr", ["--data", str(emb), "--sids", str(sids), "--out", str(model),
-                            *_with_config(cfg, "train_gr"), "data.train_holdout=1",
-                            f"train.max_steps={chosen['step']}"], model)
-    _stage("eval-gr", ["--model", str(model), "--data", str(emb), "--sids", str(sids),
+        train += ["data.train_holdout=1", f"train.max_steps={chosen['step']}"]
+        _stage("train-gr", ["--data", str(emb), "--sids", str(sids), "--out", str(model), *train], model)
+    members = [model] + [model.with_name(f"{model.name}_seed{i}") for i in range(1, cfg.ensemble)]
+    for i, member in enumerate(members[1:], start=1):
+        _stage("train-gr", ["--data", str(emb), "--sids", str(sids), "--out", str(member), *train,
+                            f"train.seed={i}"], member)
+    _stage("eval-gr", ["--model", *map(str, members), "--data", str(emb), "--sids", str(sids),
                        "--out", str(evald), *_with_config(cfg, "eval_gr")], evald)
     metrics = json.loads((evald / "metrics.json").read_text())
     knn = metrics.get("content_knn", {})

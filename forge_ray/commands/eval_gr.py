@@ -8,7 +8,9 @@ from forge_ray.commands import add_common
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="MODEL_DIR from `forge-ray train-gr`")
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="MODEL_DIR from `forge-ray train-gr`; several: decoded as one ensemble "
+                             "(the same config trained with other seeds on the same SIDs)")
     parser.add_argument("--data", default=None,
                         help="canonical dataset folder (sequences table) or an AL-GR test TSV "
                              "(answers: ';'-separated true item ids); default: the model's training data")

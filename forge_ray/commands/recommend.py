@@ -19,7 +19,8 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0].split(": ", 1)[1]
     parser.epilog = "example: forge-ray recommend --model demo_out/train_gr --history 1092077691150 598180243684 -k 5"
-    parser.add_argument("--model", required=True, help="GR_DIR from `forge-ray train-gr`")
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="GR_DIR from `forge-ray train-gr`; several: one ensemble (as eval-gr)")
     given = parser.add_mutually_exclusive_group(required=True)
     given.add_argument("--history", nargs="+", metavar="ITEM", help="one history: item keys, oldest first")
     given.add_argument("--input", metavar="FILE", help="histories, one per line (keys separated by spaces); - = stdin")

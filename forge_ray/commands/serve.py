@@ -13,7 +13,8 @@ import threading
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="GR_DIR from `forge-ray train-gr`")
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="GR_DIR from `forge-ray train-gr`; several: one ensemble (as eval-gr)")
     parser.add_argument("--sids", default=None, help="SIDS_DIR to answer from (default: the model's)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     parser.add_argument("--address", default=None,
@@ -31,14 +32,15 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     cfg = stage_config(ServeConfig, args, port=args.port)
-    read_manifest(args.model, MODEL_KIND)  # a wrong folder fails before Ray starts
+    for folder in args.model:
+        read_manifest(folder, MODEL_KIND)  # a wrong folder fails before Ray starts
     stop = threading.Event()
     with ray_session(args.address):
         # after ray.init, which installs its own SIGTERM handler (a stack dump and exit)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         url = start(args.model, args.sids, cfg)
-        print(f"serving {args.model} at {url} ({cfg.replicas} replica(s)); Ctrl-C or SIGTERM stops", flush=True)
+        print(f"serving {' + '.join(args.model)} at {url} ({cfg.replicas} replica(s)); Ctrl-C or SIGTERM stops", flush=True)
         try:
             stop.wait()
         finally:

@@ -29,6 +29,10 @@ model's training data shows users do not come back to items (``exclude_history``
 :mod:`forge_ray.core.gr.ranking`), the kNN baselines always do.
 
 ``--model`` alone is enough: the data and SID table come from the model's manifest.
+Several ``--model`` folders (the same config trained with other seeds, on the same SID
+table) are decoded as one ensemble: the beam search scores the mean of their
+next-token probabilities (:class:`~forge_ray.core.gr.decoding.EnsembleStep`); the
+first folder's manifest supplies the data, the SIDs and the history rule.
 
 Cut-offs: an item list holds the items of the ``num_beams`` returned SIDs in beam
 order, so Recall/HR@K for K above that many items counts the missing ranks as
@@ -44,7 +48,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +58,7 @@ import ray.data
 from forge_ray.config import require, to_dict
 from forge_ray.core.gr.data import REPEAT_RATE_MAX, ExampleCounts, ItemSIDTable, history_excluded, prompt_eos
 from forge_ray.core.gr.metrics import RetrievalMetrics
-from forge_ray.core.gr.models import MODEL_KIND
+from forge_ray.core.gr.models import MODEL_KIND, model_dirs
 from forge_ray.core.gr.popularity import PopularityCounter
 from forge_ray.core.gr.ranking import drop_items
 from forge_ray.core.gr.trie import SIDTrie
@@ -122,21 +126,20 @@ def _from_state(text: str, cfg: EvalGRConfig) -> RetrievalMetrics:
 
 
 class _Decoder:
-    """Ray Data actor: the model and trie are loaded once; each batch -> metric sums."""
+    """Ray Data actor: the model(s) and trie are loaded once; each batch -> metric sums."""
 
-    def __init__(self, model_dir: str, trie_ref: list, popular: np.ndarray | None, knn_ref: list | None,
+    def __init__(self, folders: list[str], trie_ref: list, popular: np.ndarray | None, knn_ref: list | None,
                  cfg: dict):
         import faiss
         import torch
 
         from forge_ray.core.gr.knn import ContentKNN
-        from forge_ray.core.gr.models import load_model
+        from forge_ray.core.gr.models import load_models
 
         self.cfg = EvalGRConfig(**{**cfg, "data": gr_data.GRDataConfig(**cfg["data"])})
-        self.model, self.vocab = load_model(model_dir)
-        if self.cfg.gpus_per_actor > 0 and torch.cuda.is_available():
-            self.model = self.model.cuda()
-        self.model.eval()
+        self.models, self.vocab = load_models(folders)
+        device = "cuda" if self.cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.models = [m.to(device).eval() for m in self.models]
         self.trie = ray.get(trie_ref[0])
         self.popular = popular
         faiss.omp_set_num_threads(1)  # the actor's CPU share, not every core of the node
@@ -154,7 +157,7 @@ class _Decoder:
             if "history_items" in batch else None
         exclude = histories if self.cfg.exclude_history is True else None
         gr = self.cfg.accumulator()
-        beams = generate_sids(self.model, self.vocab, self.trie, prompts, num_beams=self.cfg.num_beams)
+        beams = generate_sids(self.models, self.vocab, self.trie, prompts, num_beams=self.cfg.num_beams)
         gr.update_from_beams(beams, self.trie, truths, exclude)
         pop = self.cfg.accumulator()
         if self.popular is not None:
@@ -218,26 +221,33 @@ def check_vocab(model_dir: str | os.PathLike, sids: str | os.PathLike) -> SIDVoc
     return vocab
 
 
-def evaluate(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: EvalGRConfig | None = None, *,
-             data: str | os.PathLike | None = None, sids: str | os.PathLike | None = None,
-             overwrite: bool = False) -> dict:
-    """Score the model in ``model_dir`` on ``data`` (default: the dataset it was trained
-    on) with the SID table ``sids`` (default: its own); writes ``out/metrics.json`` +
-    manifest, returns the metrics."""
+def evaluate(model_dir: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
+             cfg: EvalGRConfig | None = None, *, data: str | os.PathLike | None = None,
+             sids: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+    """Score the model in ``model_dir`` (or the ensemble of a list of folders, see the
+    module doc) on ``data`` (default: the dataset it was trained on) with the SID table
+    ``sids`` (default: its own); writes ``out/metrics.json`` + manifest, returns the
+    metrics."""
     cfg = cfg or EvalGRConfig()
-    trained = read_manifest(model_dir, MODEL_KIND)
-    data, sids = (_from_manifest(model_dir, trained, "data") if data is None else data,
-                  _from_manifest(model_dir, trained, "sids") if sids is None else sids)
-    out = check_output(out, overwrite, kind=EVAL_KIND, inputs=(model_dir, data, sids))
-    vocab = check_vocab(model_dir, sids)
+    dirs = model_dirs(model_dir)
+    trained = read_manifest(dirs[0], MODEL_KIND)
+    data, sids = (_from_manifest(dirs[0], trained, "data") if data is None else data,
+                  _from_manifest(dirs[0], trained, "sids") if sids is None else sids)
+    out = check_output(out, overwrite, kind=EVAL_KIND, inputs=(*dirs, data, sids))
+    vocab = check_vocab(dirs[0], sids)
     holdout = trained_holdout(trained)
+    for member in dirs[1:]:
+        check_vocab(member, sids)
+        if trained_holdout(read_manifest(member, MODEL_KIND)) != holdout:
+            raise InputError(member, f"ensemble member was trained with another data.train_holdout "
+                                     f"than {dirs[0]} ({holdout}): members must see the same items")
     if cfg.split != "test" and not gr_data.is_algr(data) and holdout < 2:
-        raise InputError(model_dir, f"a refit (data.train_holdout={holdout}) was trained on the "
-                                    f"{cfg.split} items: score it on split=test")
+        raise InputError(dirs[0], f"a refit (data.train_holdout={holdout}) was trained on the "
+                                  f"{cfg.split} items: score it on split=test")
     exclude, why = _history_rule(cfg, trained, data)
     cfg = dataclasses.replace(cfg, exclude_history=exclude)
     with surface_user_errors():  # a bad row found by a Ray task reads as one line
-        return _evaluate(cfg, vocab, model_dir, data, sids, out, overwrite, holdout, why)
+        return _evaluate(cfg, vocab, dirs, data, sids, out, overwrite, holdout, why)
 
 
 def _history_rule(cfg: EvalGRConfig, trained: dict, data) -> tuple[bool, str]:
@@ -285,7 +295,7 @@ def _knn_table(cfg: EvalGRConfig, data) -> tuple[np.ndarray, np.ndarray] | str:
     return load_embeddings(data)
 
 
-def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Path,
+def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, dirs: list[Path], data, sids, out: Path,
               overwrite: bool, holdout: int, history_why: str) -> dict:
     item_ids, codes = gr_data.load_sid_arrays(sids)
     trie = SIDTrie(codes, item_ids, vocab.sizes)
@@ -293,14 +303,14 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
     table = ItemSIDTable(item_ids, codes) if not algr and gr_data.use_broadcast(sids, cfg.data) else None
     del item_ids, codes
     if algr:  # queries and their true items come ready-made; no training part to count
-        examples = gr_data.algr_test_examples(data, vocab, add_eos=_prompt_eos(model_dir)
+        examples = gr_data.algr_test_examples(data, vocab, add_eos=_prompt_eos(dirs[0])
                                               ).select_columns(["input_ids", "target_items"])
         with gr_data.algr_read_errors(data):
             rows = examples.count()
         counts = ExampleCounts(sequences=rows, examples=rows)
     else:
         examples = gr_data.sequence_examples(
-            data, sids, vocab, cfg.split, cfg.data, table=table, add_eos=_prompt_eos(model_dir)
+            data, sids, vocab, cfg.split, cfg.data, table=table, add_eos=_prompt_eos(dirs[0])
         ).select_columns(["input_ids", "target_item", "history_items"])
         counts = gr_data.count_examples(data, sids, vocab, cfg.split, cfg.data, table=table)
     if counts.examples == 0:
@@ -319,7 +329,7 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
     examples = examples.repartition(target_num_rows_per_block=cfg.batch_size)
     states = examples.map_batches(
         _Decoder, batch_size=cfg.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model_dir": os.fspath(Path(model_dir).resolve()),
+        fn_constructor_kwargs={"folders": [os.fspath(d.resolve()) for d in dirs],
                                "trie_ref": [ray.put(trie)], "popular": popular, "knn_ref": knn_ref,
                                "cfg": to_dict(cfg)},
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -334,6 +344,7 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
         actors.update(batch["actor"].tolist())
     metrics = {**gr.result(), "invalid_rate": gr.invalid / max(gr.generated, 1),
                "num_queries": gr.queries, "num_beams": cfg.num_beams, "split": cfg.split,
+               "ensemble_size": len(dirs),
                "decode_actors_used": len(actors), "trained_holdout": holdout,
                "history_excluded": cfg.exclude_history, "history_excluded_why": history_why,
                "examples": asdict(counts)}
@@ -346,8 +357,9 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, model_dir, data, sids, out: Pa
                                   for name, acc in knn_acc.items()}
     else:
         metrics["content_knn_skipped"] = knn
-    with atomic_dir(out, overwrite, kind=EVAL_KIND, inputs=(model_dir, data, sids)) as tmp:
+    with atomic_dir(out, overwrite, kind=EVAL_KIND, inputs=(*dirs, data, sids)) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_manifest(tmp, EVAL_KIND, model=os.path.abspath(model_dir), data=os.path.abspath(data),
+        write_manifest(tmp, EVAL_KIND, model=os.path.abspath(dirs[0]),
+                       ensemble=[os.path.abspath(d) for d in dirs[1:]], data=os.path.abspath(data),
                        sids=os.path.abspath(sids), config=to_dict(cfg), metrics=metrics)
     return metrics

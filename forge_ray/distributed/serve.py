@@ -14,7 +14,8 @@ the app's handle gives the same answer as a dict. ``GET /stats`` gives the repli
 request and batch counts (how full its batches are).
 
 The proxy binds to loopback (``host`` 127.0.0.1) unless configured otherwise. Started
-by ``forge-ray serve --model GR_DIR`` or, with a Serve config file, ``serve run
+by ``forge-ray serve --model GR_DIR`` (several folders: one ensemble, as the
+Recommender) or, with a Serve config file, ``serve run
 configs/serve/recommend.yaml`` / ``serve deploy`` (see :func:`app_builder`).
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from ray import serve
@@ -31,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from forge_ray.config import require, to_dict
+from forge_ray.core.gr.models import model_dirs
 from forge_ray.errors import InputError
 
 MAX_HISTORY_ENTRIES = 10_000  # a request with more entries is refused, not decoded
@@ -101,7 +103,7 @@ def parse_request(body: Any, max_k: int) -> tuple[list[str], int]:
 class RecommenderDeployment:
     """One replica: a Recommender behind ``@serve.batch``."""
 
-    def __init__(self, model_dir: str, sids: str | None, cfg: dict):
+    def __init__(self, model_dirs: list[str], sids: str | None, cfg: dict):
         import torch
 
         from forge_ray.serving.recommender import Recommender
@@ -110,7 +112,7 @@ class RecommenderDeployment:
         # torch would start one thread per core of the machine, not per reserved CPU
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica)))
         device = "cuda" if self.cfg.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        self.rec = Recommender.from_dir(model_dir, sids=sids, device=device,
+        self.rec = Recommender.from_dir(model_dirs, sids=sids, device=device,
                                         batch_size=self.cfg.max_batch_size)
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -159,9 +161,10 @@ class RecommenderDeployment:
         return self.rec.answer(items, scores, unknown).to_dict()
 
 
-def build_app(model_dir: str | os.PathLike, sids: str | os.PathLike | None = None,
-              cfg: ServeConfig | None = None):
-    """The bound Serve application (not yet running)."""
+def build_app(model_dir: str | os.PathLike | Sequence[str | os.PathLike],
+              sids: str | os.PathLike | None = None, cfg: ServeConfig | None = None):
+    """The bound Serve application (not yet running); a list of model folders serves
+    them as one ensemble."""
     cfg = cfg or ServeConfig()
     options = {"num_cpus": cfg.cpus_per_replica}
     if cfg.gpus_per_replica:
@@ -169,13 +172,13 @@ def build_app(model_dir: str | os.PathLike, sids: str | os.PathLike | None = Non
     deployment = RecommenderDeployment.options(
         num_replicas=cfg.replicas, ray_actor_options=options,
         max_ongoing_requests=cfg.max_ongoing_requests)
-    return deployment.bind(os.fspath(os.path.abspath(model_dir)),
+    return deployment.bind([os.fspath(d.resolve()) for d in model_dirs(model_dir)],
                            None if sids is None else os.fspath(os.path.abspath(sids)), to_dict(cfg))
 
 
 def app_builder(args: dict[str, Any]):
     """Builder for ``serve run`` / ``serve deploy`` config files: ``args`` holds
-    ``model`` (GR_DIR), optional ``sids`` and any :class:`ServeConfig` field
+    ``model`` (GR_DIR, or a list of them: an ensemble), optional ``sids`` and any :class:`ServeConfig` field
     (host/port belong to the file's ``http_options``)."""
     args = dict(args)
     model = args.pop("model", None)
@@ -185,7 +188,7 @@ def app_builder(args: dict[str, Any]):
     return build_app(model, sids, ServeConfig(**args))
 
 
-def start(model_dir: str | os.PathLike, sids: str | os.PathLike | None, cfg: ServeConfig,
+def start(model_dir: str | os.PathLike | Sequence[str | os.PathLike], sids: str | os.PathLike | None, cfg: ServeConfig,
           name: str = "forge_ray") -> str:
     """Start Serve on the connected cluster with the proxy on ``cfg.host:cfg.port`` and
     run the app; returns the URL of ``/recommend``. Needs a Ray connection."""

@@ -12,6 +12,10 @@ none). A history is a list of item keys, oldest first; items the table does not 
 are skipped and reported in :attr:`Recommendation.unknown`, and a history with no
 known item is an :class:`~forge_ray.errors.InputError`.
 
+Several model folders (the same config trained with other seeds on one SID table)
+answer as one ensemble: ``Recommender.from_dir([dir_a, dir_b])`` decodes the mean of
+their next-token probabilities (eval-gr's ``--model A B``), at n times the cost.
+
 Scores are the log-probability of the item's SID (items sharing a SID share it);
 decoding is the trie-constrained beam search of eval-gr, so every recommended item
 exists. Items of the history itself are left out when the model's training data says
@@ -32,7 +36,7 @@ import torch
 
 from forge_ray.core.gr.data import ItemSIDTable, history_excluded, history_input_ids, prompt_eos
 from forge_ray.core.gr.decoding import generate_sids
-from forge_ray.core.gr.models import MODEL_KIND, load_model
+from forge_ray.core.gr.models import MODEL_KIND, load_models, model_dirs
 from forge_ray.core.gr.ranking import beam_items
 from forge_ray.core.gr.trie import SIDTrie
 from forge_ray.errors import InputError
@@ -82,20 +86,25 @@ class ItemKeys:
 
 
 class Recommender:
-    """A GR model plus its SID table, ready to answer histories (see module doc)."""
+    """A GR model (or an ensemble) plus its SID table, ready to answer histories (see
+    module doc). ``model``: one HF model or a list of them over ``vocab``; ``self.model``
+    is the first, ``self.models`` all of them."""
 
     def __init__(self, model, vocab, table: SidTable, max_history: int, num_beams: int = 20,
                  batch_size: int = 64, exclude_history: bool = False):
-        self.model, self.vocab = model.eval(), vocab
+        self.models = [m.eval() for m in (model if isinstance(model, (list, tuple)) else [model])]
+        self.model, self.vocab = self.models[0], vocab
         self.max_history, self.num_beams, self.batch_size = max_history, num_beams, batch_size
         self.exclude_history = exclude_history
         self.use_sids(table)
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike, sids: str | os.PathLike | None = None,
+    def from_dir(cls, model_dir: str | os.PathLike | Sequence[str | os.PathLike],
+                 sids: str | os.PathLike | None = None,
                  device: str | None = None, num_beams: int | None = None,
                  batch_size: int = 64, exclude_history: bool | None = None) -> "Recommender":
-        """Load ``GR_DIR`` (from ``forge-ray train-gr``) and its SID table.
+        """Load ``GR_DIR`` (from ``forge-ray train-gr``) and its SID table; a list of
+        folders loads an ensemble, the first one's manifest naming the SID table.
 
         sids: a SIDS_DIR to use instead of the one the model was trained on (e.g. a
             newer version made by ``forge-ray add-items``); same codebook sizes.
@@ -104,7 +113,8 @@ class Recommender:
         exclude_history: leave the history's own items out (default: what the model's
             training counts say, as eval-gr's ``auto``; off when they do not say).
         """
-        model_dir = Path(model_dir)
+        dirs = model_dirs(model_dir)
+        model_dir = dirs[0]
         manifest = read_manifest(model_dir, MODEL_KIND)
         sids = sids or manifest.get("sids")
         if not sids:
@@ -112,14 +122,16 @@ class Recommender:
                                         "files?): pass the SIDS_DIR")
         if not Path(sids).is_absolute():
             sids = model_dir / sids
-        model, vocab = load_model(model_dir)
+        for member in dirs[1:]:
+            read_manifest(member, MODEL_KIND)
+        models, vocab = load_models(dirs)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device)
+        models = [m.to(device) for m in models]
         max_history = int(manifest.get("config", {}).get("data", {}).get("max_history", 20))
-        beams = num_beams or int(getattr(model.generation_config, "num_beams", 0) or 20)
+        beams = num_beams or int(getattr(models[0].generation_config, "num_beams", 0) or 20)
         if exclude_history is None:
             exclude_history = bool(history_excluded(manifest.get("counts")))
-        return cls(model, vocab, SidTable.open(sids), max_history, beams, batch_size, exclude_history)
+        return cls(models, vocab, SidTable.open(sids), max_history, beams, batch_size, exclude_history)
 
     def use_sids(self, table: SidTable | str | os.PathLike) -> None:
         """Answer from another SID table (a new version with cold-start items): the
@@ -180,7 +192,7 @@ class Recommender:
             chunk = [h[-self.max_history:] for h in full]
             codes = [self.items.lookup(h)[0] for h in chunk]
             prompts = list(history_input_ids(codes, self.vocab, prompt_eos(self.model.config.is_encoder_decoder)))
-            found = generate_sids(self.model, self.vocab, self.trie, prompts, num_beams=beams)
+            found = generate_sids(self.models, self.vocab, self.trie, prompts, num_beams=beams)
             items = beam_items(self.trie, found.codes, k, full if self.exclude_history else None)
             for row, q in zip(items, range(len(chunk))):
                 keep = row >= 0

@@ -24,8 +24,8 @@ from tests.ray.test_train_gr import SIZES, build_gr_data
 pytestmark = pytest.mark.ray
 
 
-def saved_model(folder, sizes=SIZES):
-    torch.manual_seed(0)
+def saved_model(folder, sizes=SIZES, seed=0):
+    torch.manual_seed(seed)
     vocab = SIDVocab(sizes)
     model = build_model(GRModelConfig("t5", "tiny"), vocab)
     save_model(model, vocab, folder)
@@ -74,6 +74,42 @@ def test_parallel_eval_equals_single_process(ray_cluster, tmp_path):
         assert value == pytest.approx(ref_pop.result()[key], rel=1e-12, abs=1e-15), key
     # this model's manifest counts no repeats: auto keeps the history items
     assert got["history_excluded"] is False and "does not count" in got["history_excluded_why"]
+
+
+def test_ensemble_equals_in_process_mixture(ray_cluster, tmp_path):
+    """Two model folders score as one ensemble (the mean of their next-token
+    probabilities), equal to an in-process decode of the pair; members on other SIDs
+    or trained on other items are refused before any decoding."""
+    from forge_ray.distributed.evaluate import evaluate
+    from forge_ray.distributed.gr_data import sequence_examples
+
+    ds, sids, items, codes, *_ = build_gr_data(tmp_path)
+    a, vocab = saved_model(tmp_path / "a")
+    b, _ = saved_model(tmp_path / "b", seed=1)
+    cfg = eval_config("batch_size=8", "popularity=false")
+    got = evaluate([tmp_path / "a", tmp_path / "b"], tmp_path / "eval", cfg, data=ds, sids=sids)
+    assert got["ensemble_size"] == 2
+
+    rows = sequence_examples(ds, sids, vocab, "test", cfg.data).take_all()
+    prompts = [np.asarray(r["input_ids"]) for r in rows]
+    truths = [np.asarray([r["target_item"]]) for r in rows]
+    trie = SIDTrie(codes, items, SIZES)
+    scores = {}
+    for name, models in (("pair", [a, b]), ("a", a)):
+        ref = RetrievalMetrics((5, 10), (5, 10), (20,))
+        ref.update_from_beams(generate_sids(models, vocab, trie, prompts, num_beams=8), trie, truths)
+        scores[name] = ref.result()
+    for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "hr@20"):
+        assert got[key] == pytest.approx(scores["pair"][key], rel=1e-12, abs=1e-15), key
+    assert any(scores["pair"][k] != scores["a"][k] for k in ("ndcg@10", "hr@20"))  # b counts
+
+    saved_model(tmp_path / "other_sids", sizes=(8, 4, 4))
+    with pytest.raises(InputError, match=r"other_sids: model vocabulary has codebook sizes \[8, 4, 4\]"):
+        evaluate([tmp_path / "a", tmp_path / "other_sids"], tmp_path / "eval2", cfg, data=ds, sids=sids)
+    write_manifest(tmp_path / "b", "gr_model", arch="t5", sizes=list(SIZES), config={"data": {"train_holdout": 1}})
+    with pytest.raises(InputError, match=r"b: ensemble member was trained with another data.train_holdout"):
+        evaluate([tmp_path / "a", tmp_path / "b"], tmp_path / "eval2", cfg, data=ds, sids=sids)
+    assert not (tmp_path / "eval2").exists()
 
 
 def test_vocabulary_mismatch_is_refused(ray_cluster, tmp_path):

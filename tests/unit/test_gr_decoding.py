@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from forge_ray.core.gr.decoding import (CausalStep, Seq2SeqStep, constrained_beam_search,
+from forge_ray.core.gr.decoding import (CausalStep, EnsembleStep, Seq2SeqStep, constrained_beam_search,
                                         generate_sids, hf_generate_unconstrained)
 from forge_ray.core.gr.metrics import invalid_counts
 from forge_ray.core.gr.models import GRModelConfig, build_model
@@ -139,3 +139,43 @@ def test_cached_step_equals_full_forward(arch):
                 else:
                     logits = model(input_ids=torch.cat([p, pre[r:r + 1]], 1)).logits[0, -1]
                 torch.testing.assert_close(out[r], torch.log_softmax(logits, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_ensemble_step_is_the_mixture_of_its_members(toy):
+    """EnsembleStep = log of the mean of the members' probabilities, each member keeping
+    its own per-row state; beam search over it ranks SIDs by that mixture exactly."""
+    trie, vocab = toy
+    from forge_ray.core.sid.codes import unpack_codes
+
+    members = [ScriptedModel(len(vocab), seed=0), ScriptedModel(len(vocab), seed=1)]
+    n = min(20, trie.n_sids)
+    res = constrained_beam_search(EnsembleStep(members), 3, trie, vocab, num_beams=60, num_return=n)
+    alone = [ScriptedModel(len(vocab), seed=0), ScriptedModel(len(vocab), seed=1)]
+    for q in range(3):
+        def mixture_score(code):
+            ids = vocab.codes_to_ids(np.asarray(code)).tolist()
+            return sum(np.logaddexp(*(m.logp(q, ids[:t])[ids[t]] for m in alone)) - np.log(2)
+                       for t in range(3))
+        got = [tuple(c) for c in res.codes[q].tolist()]
+        sids = [tuple(c) for c in unpack_codes(trie.sid_keys, trie.sizes).tolist()]
+        assert got == sorted(sids, key=mixture_score, reverse=True)[:n]
+        assert res.scores[q].tolist() == pytest.approx([mixture_score(c) for c in got], abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["t5", "qwen2"])
+def test_ensemble_of_real_models(toy, arch):
+    """A model ensembled with itself decodes as the model alone; two different models
+    give valid SIDs; kinds cannot be mixed."""
+    trie, vocab = toy
+    torch.manual_seed(0)
+    a, b = (build_model(GRModelConfig(arch=arch, preset="tiny"), vocab).eval() for _ in range(2))
+    prompts = _prompts(vocab, 5, np.random.default_rng(4))
+    one = generate_sids(a, vocab, trie, prompts, num_beams=6)
+    same = generate_sids([a, a], vocab, trie, prompts, num_beams=6)
+    np.testing.assert_array_equal(same.codes, one.codes)
+    np.testing.assert_allclose(same.scores, one.scores, atol=1e-5)
+    mixed = generate_sids([a, b], vocab, trie, prompts, num_beams=6)
+    assert mixed.found.all() and invalid_counts(mixed, trie) == (30, 0)
+    other = build_model(GRModelConfig(arch="gpt2" if arch == "t5" else "t5", preset="tiny"), vocab)
+    with pytest.raises(ValueError, match="mixes encoder-decoder and decoder-only"):
+        generate_sids([a, other], vocab, trie, prompts, num_beams=6)

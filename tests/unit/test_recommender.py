@@ -49,6 +49,16 @@ def test_recommend_equals_the_eval_beam_search(run):
     assert items.tolist() == rec.trie.expand(beams.codes, 5)[0].tolist()
 
 
+def test_an_ensemble_of_one_model_twice_answers_as_the_model(run):
+    """``from_dir([a, b])`` decodes the mixture of both models (EnsembleStep); with the
+    same folder twice the mixture is the model itself."""
+    one, two = Recommender.from_dir(run.model), Recommender.from_dir([run.model, run.model])
+    assert len(two.models) == 2 and two.model is two.models[0]
+    hist = [run.item_ids[5:9], run.item_ids[20:22]]
+    for (a, sa), (b, sb) in zip(one.recommend_ids(hist, k=6), two.recommend_ids(hist, k=6)):
+        assert a.tolist() == b.tolist() and np.allclose(sa, sb, atol=1e-5)
+
+
 def test_history_items_left_out_when_asked(run):
     plain = Recommender.from_dir(run.model)
     assert plain.exclude_history is False  # the manifest's counts do not say whether users come back

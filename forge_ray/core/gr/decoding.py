@@ -7,7 +7,9 @@ model's summed log-probs (no renormalisation over the allowed tokens), so with
 ``num_beams >=`` the number of SIDs the result is the exact top-k by joint
 probability. Two step functions wrap HF models with a KV cache: :class:`Seq2SeqStep`
 (T5: encoder once, one decoder token per step) and :class:`CausalStep` (decoder-only
-on left-padded prompts).
+on left-padded prompts). :class:`EnsembleStep` averages several models' next-token
+probabilities, so :func:`generate_sids` decodes an ensemble of models trained on the
+same SIDs (different seeds) as one model.
 
 Memory per step: the (R, V) logits of R = queries x beams rows, plus an (R, size_l)
 mask; chunk the queries to bound it.
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import math
 
 import numpy as np
 import torch
@@ -147,6 +151,25 @@ class CausalStep:
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
 
+class EnsembleStep:
+    """Step function of a mixture: the mean of the members' next-token probabilities.
+
+    Averaging probabilities (not log-probs) keeps each step a distribution, as
+    fairseq's and Marian's ensembles do; every member keeps its own KV cache, so an
+    ensemble of n models costs n times the decoding of one.
+    """
+
+    def __init__(self, steps: Sequence[StepFn]):
+        if not steps:
+            raise ValueError("an ensemble needs at least one model")
+        self.steps, self.log_n = list(steps), math.log(len(steps))
+
+    @torch.no_grad()
+    def __call__(self, prefix: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([step(prefix, parent) for step in self.steps])  # (n, R, V)
+        return torch.logsumexp(logp, dim=0) - self.log_n
+
+
 def _padded_prompts(model, vocab: SIDVocab, prompts: Sequence[np.ndarray]):
     device = next(model.parameters()).device
     side = "right" if model.config.is_encoder_decoder else "left"
@@ -154,18 +177,27 @@ def _padded_prompts(model, vocab: SIDVocab, prompts: Sequence[np.ndarray]):
     return ids.to(device), mask.to(device)
 
 
+def _model_step(model, vocab: SIDVocab, ids: torch.Tensor, mask: torch.Tensor) -> StepFn:
+    if model.config.is_encoder_decoder:
+        return Seq2SeqStep(model, ids, mask, vocab.bos_id)
+    return CausalStep(model, ids, mask)
+
+
 @torch.no_grad()
 def generate_sids(model, vocab: SIDVocab, trie: SIDTrie, prompts: Sequence[np.ndarray],
                   num_beams: int, num_return: int | None = None) -> BeamResult:
-    """Constrained beam search with a HF T5 or decoder-only model.
+    """Constrained beam search with a HF T5 or decoder-only model, or an ensemble.
 
+    model: one model, or a list of models of one kind (all T5 or all decoder-only, on
+        one device) over ``vocab``, decoded as a mixture (:class:`EnsembleStep`).
     prompts: B 1-D token-id arrays (the ``input_ids`` of :mod:`forge_ray.core.gr.data`).
     """
-    ids, mask = _padded_prompts(model, vocab, prompts)
-    if model.config.is_encoder_decoder:
-        step = Seq2SeqStep(model, ids, mask, vocab.bos_id)
-    else:
-        step = CausalStep(model, ids, mask)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if len({m.config.is_encoder_decoder for m in models}) > 1:
+        raise ValueError("an ensemble mixes encoder-decoder and decoder-only models: their prompts differ")
+    ids, mask = _padded_prompts(models[0], vocab, prompts)
+    steps = [_model_step(m, vocab, ids, mask) for m in models]
+    step = steps[0] if len(steps) == 1 else EnsembleStep(steps)
     return constrained_beam_search(step, len(prompts), trie, vocab, num_beams, num_return,
                                    device=ids.device)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM, T5Config,
@@ -159,3 +159,32 @@ def load_model(folder: str | os.PathLike):
     if model.config.vocab_size != len(vocab):
         raise InputError(folder, f"model vocab_size {model.config.vocab_size} != SID vocabulary {len(vocab)}")
     return model, vocab
+
+
+def model_dirs(folders: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """One model folder or a list of them (an ensemble) -> a non-empty list of paths."""
+    dirs = [Path(folders)] if isinstance(folders, (str, os.PathLike)) else [Path(f) for f in folders]
+    if not dirs:
+        raise ValueError("no model folder given")
+    return dirs
+
+
+def load_models(folders: str | os.PathLike | Sequence[str | os.PathLike]):
+    """:func:`load_model` for an ensemble -> (list of models, the shared vocab).
+
+    Members must share the vocabulary (same SID codebook sizes) and the kind of model
+    (all encoder-decoder or all decoder-only: their prompts differ).
+    """
+    dirs = model_dirs(folders)
+    models, vocab = [], None
+    for folder in dirs:
+        model, own = load_model(folder)
+        if vocab is not None and own != vocab:
+            raise InputError(folder, f"ensemble member has codebook sizes {list(own.sizes)} but "
+                                     f"{dirs[0]} has {list(vocab.sizes)}: train every member on one SID table")
+        if models and model.config.is_encoder_decoder != models[0].config.is_encoder_decoder:
+            raise InputError(folder, f"ensemble mixes an encoder-decoder and a decoder-only model "
+                                     f"(this one and {dirs[0]}): their prompts differ")
+        models.append(model)
+        vocab = own
+    return models, vocab
