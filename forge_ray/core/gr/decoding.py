@@ -17,10 +17,9 @@ mask; chunk the queries to bound it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
-
-import math
 
 import numpy as np
 import torch
