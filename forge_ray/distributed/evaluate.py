@@ -58,7 +58,7 @@ import ray.data
 from forge_ray.config import require, to_dict
 from forge_ray.core.gr.data import REPEAT_RATE_MAX, ExampleCounts, ItemSIDTable, history_excluded, prompt_eos
 from forge_ray.core.gr.metrics import RetrievalMetrics
-from forge_ray.core.gr.models import MODEL_KIND, model_dirs
+from forge_ray.core.gr.models import MODEL_KIND, check_same_kind, model_dirs
 from forge_ray.core.gr.popularity import PopularityCounter
 from forge_ray.core.gr.ranking import drop_items
 from forge_ray.core.gr.trie import SIDTrie
@@ -203,11 +203,11 @@ def popular_items(dataset: str | os.PathLike, k: int, holdout: int = 2) -> np.nd
     return counter.top(k)
 
 
-def _prompt_eos(model_dir: str | os.PathLike) -> bool:
-    """Whether the saved model's prompts end with ``</s>`` (encoder-decoders only)."""
+def _is_encoder_decoder(model_dir: str | os.PathLike) -> bool:
+    """Whether the saved model is an encoder-decoder (read from its config, no weights)."""
     from transformers import AutoConfig
 
-    return prompt_eos(AutoConfig.from_pretrained(model_dir).is_encoder_decoder)
+    return AutoConfig.from_pretrained(model_dir).is_encoder_decoder
 
 
 def check_vocab(model_dir: str | os.PathLike, sids: str | os.PathLike) -> SIDVocab:
@@ -238,6 +238,8 @@ def evaluate(model_dir: str | os.PathLike | Sequence[str | os.PathLike], out: st
     holdout = trained_holdout(trained)
     for member in dirs[1:]:
         check_vocab(member, sids)
+        # Here, before any actor starts, rather than only when the actors load the members.
+        check_same_kind(member, dirs[0], _is_encoder_decoder(member), _is_encoder_decoder(dirs[0]))
         if trained_holdout(read_manifest(member, MODEL_KIND)) != holdout:
             raise InputError(member, f"ensemble member was trained with another data.train_holdout "
                                      f"than {dirs[0]} ({holdout}): members must see the same items")
@@ -302,15 +304,16 @@ def _evaluate(cfg: EvalGRConfig, vocab: SIDVocab, dirs: list[Path], data, sids, 
     algr = gr_data.is_algr(data)
     table = ItemSIDTable(item_ids, codes) if not algr and gr_data.use_broadcast(sids, cfg.data) else None
     del item_ids, codes
+    add_eos = prompt_eos(_is_encoder_decoder(dirs[0]))
     if algr:  # queries and their true items come ready-made; no training part to count
-        examples = gr_data.algr_test_examples(data, vocab, add_eos=_prompt_eos(dirs[0])
-                                              ).select_columns(["input_ids", "target_items"])
+        examples = gr_data.algr_test_examples(data, vocab, add_eos=add_eos).select_columns(
+            ["input_ids", "target_items"])
         with gr_data.algr_read_errors(data):
             rows = examples.count()
         counts = ExampleCounts(sequences=rows, examples=rows)
     else:
         examples = gr_data.sequence_examples(
-            data, sids, vocab, cfg.split, cfg.data, table=table, add_eos=_prompt_eos(dirs[0])
+            data, sids, vocab, cfg.split, cfg.data, table=table, add_eos=add_eos
         ).select_columns(["input_ids", "target_item", "history_items"])
         counts = gr_data.count_examples(data, sids, vocab, cfg.split, cfg.data, table=table)
     if counts.examples == 0:

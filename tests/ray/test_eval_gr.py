@@ -24,12 +24,12 @@ from tests.ray.test_train_gr import SIZES, build_gr_data
 pytestmark = pytest.mark.ray
 
 
-def saved_model(folder, sizes=SIZES, seed=0):
+def saved_model(folder, sizes=SIZES, seed=0, arch="t5"):
     torch.manual_seed(seed)
     vocab = SIDVocab(sizes)
-    model = build_model(GRModelConfig("t5", "tiny"), vocab)
+    model = build_model(GRModelConfig(arch, "tiny"), vocab)
     save_model(model, vocab, folder)
-    write_manifest(folder, "gr_model", arch="t5", sizes=list(sizes))
+    write_manifest(folder, "gr_model", arch=arch, sizes=list(sizes))
     return model.eval(), vocab
 
 
@@ -78,8 +78,9 @@ def test_parallel_eval_equals_single_process(ray_cluster, tmp_path):
 
 def test_ensemble_equals_in_process_mixture(ray_cluster, tmp_path):
     """Two model folders score as one ensemble (the mean of their next-token
-    probabilities), equal to an in-process decode of the pair; members on other SIDs
-    or trained on other items are refused before any decoding."""
+    probabilities), equal to an in-process decode of the pair; members on other SIDs,
+    of another kind (decoder-only beside an encoder-decoder) or trained on other items
+    are refused before any decoding."""
     from forge_ray.distributed.evaluate import evaluate
     from forge_ray.distributed.gr_data import sequence_examples
 
@@ -106,6 +107,9 @@ def test_ensemble_equals_in_process_mixture(ray_cluster, tmp_path):
     saved_model(tmp_path / "other_sids", sizes=(8, 4, 4))
     with pytest.raises(InputError, match=r"other_sids: model vocabulary has codebook sizes \[8, 4, 4\]"):
         evaluate([tmp_path / "a", tmp_path / "other_sids"], tmp_path / "eval2", cfg, data=ds, sids=sids)
+    saved_model(tmp_path / "causal", arch="gpt2")
+    with pytest.raises(InputError, match=r"causal: ensemble mixes an encoder-decoder and a decoder-only model"):
+        evaluate([tmp_path / "a", tmp_path / "causal"], tmp_path / "eval2", cfg, data=ds, sids=sids)
     write_manifest(tmp_path / "b", "gr_model", arch="t5", sizes=list(SIZES), config={"data": {"train_holdout": 1}})
     with pytest.raises(InputError, match=r"b: ensemble member was trained with another data.train_holdout"):
         evaluate([tmp_path / "a", tmp_path / "b"], tmp_path / "eval2", cfg, data=ds, sids=sids)

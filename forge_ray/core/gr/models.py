@@ -169,6 +169,15 @@ def model_dirs(folders: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return dirs
 
 
+def check_same_kind(folder: str | os.PathLike, first: str | os.PathLike, encoder_decoder: bool,
+                    first_encoder_decoder: bool) -> None:
+    """Refuse an ensemble member of another kind than the first member: an encoder-decoder's
+    prompt ends with ``</s>`` and feeds the encoder, a decoder-only model's is its prefix."""
+    if encoder_decoder != first_encoder_decoder:
+        raise InputError(folder, f"ensemble mixes an encoder-decoder and a decoder-only model "
+                                 f"(this one and {first}): their prompts differ")
+
+
 def load_models(folders: str | os.PathLike | Sequence[str | os.PathLike]):
     """:func:`load_model` for an ensemble -> (list of models, the shared vocab).
 
@@ -182,9 +191,9 @@ def load_models(folders: str | os.PathLike | Sequence[str | os.PathLike]):
         if vocab is not None and own != vocab:
             raise InputError(folder, f"ensemble member has codebook sizes {list(own.sizes)} but "
                                      f"{dirs[0]} has {list(vocab.sizes)}: train every member on one SID table")
-        if models and model.config.is_encoder_decoder != models[0].config.is_encoder_decoder:
-            raise InputError(folder, f"ensemble mixes an encoder-decoder and a decoder-only model "
-                                     f"(this one and {dirs[0]}): their prompts differ")
+        if models:
+            check_same_kind(folder, dirs[0], model.config.is_encoder_decoder,
+                            models[0].config.is_encoder_decoder)
         models.append(model)
         vocab = own
     return models, vocab
