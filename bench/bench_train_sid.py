@@ -6,6 +6,10 @@
    ``--forge-size``: instead, FORGE's model (512 -> 256 -> 256 -> 64, 3 x 8192 codes,
    batch 2048 per worker, contrastive pairs on), 1 vs 2 Ray Train workers at 1 thread
    each: the data-parallel scaling of one step's compute against its all-reduces.
+   ``--dataset DIR``: instead, the shipped Amazon RQ-VAE (configs/amazon/train_sid.yaml,
+   contrastive pairs from ``pair_window=1``) on an embedded dataset such as Beauty's,
+   2 workers, with ``scale.cache_mb`` 256 (the old default: the pairs stream from
+   Parquet every epoch) and 1024 (the default: both tables cached in the object store).
 2. RQ-KMeans fit time: distributed (Ray tasks over shards) and in-process (core) vs
    ``faiss.ResidualQuantizer`` on identical data and sizes (power-of-2 codebooks),
    with each one's reconstruction MSE.
@@ -13,6 +17,7 @@
 Usage: python bench/bench_train_sid.py [--items 20000] [--dim 64] [--steps 60]
        python bench/bench_train_sid.py --forge-size [--items 40000] [--steps 40]
            [--deepspeed zero2.json zero0.json]
+       python bench/bench_train_sid.py --dataset runs/beauty_cpu/dataset [--steps 300]
 """
 
 from __future__ import annotations
@@ -87,10 +92,10 @@ def rqvae_bench(ds: Path, x: np.ndarray, work: Path, dim: int, steps: int) -> di
 
 
 def ray_rates(ds: Path, work: Path, overrides: list[str], workers: int,
-              run: str = "") -> tuple[float, float]:
+              run: str = "", config: str = "configs/ci/train_sid.yaml") -> tuple[float, float]:
     """-> (median samples/s of the workers' log windows after the first, stage wall s)."""
     run = run or f"w{workers}"
-    cfg = load_config(TrainSidConfig, "configs/ci/train_sid.yaml",
+    cfg = load_config(TrainSidConfig, config,
                       [*overrides, f"scale.num_workers={workers}", f"run_name={run}"])
     t = time.perf_counter()
     train_sid(ds, work / f"model_{run}", cfg)
@@ -119,6 +124,20 @@ def forge_size_bench(work: Path, items: int, steps: int, ds_configs: list[str]) 
     one = out[f"ray_1w_{Path(ds_configs[0]).stem}_samples_per_s"]
     for ds in ds_configs:
         out[f"ray_2w_{Path(ds).stem}_over_1w"] = out[f"ray_2w_{Path(ds).stem}_samples_per_s"] / one
+    return out
+
+
+def cache_bench(dataset: Path, work: Path, steps: int) -> dict:
+    """The shipped Amazon RQ-VAE on ``dataset``, 2 workers: the training tables streamed
+    from Parquet above 256 MiB (the old ``scale.cache_mb``) vs cached up to 1 GiB."""
+    overrides = ["pair_window=1", f"train.steps={steps}", "train.log_every=25", "train.progress=false",
+                 "scale.checkpoint_every=1000000", f"storage_path={work / 'runs'}"]
+    out = {"dataset": os.fspath(dataset), "steps": steps}
+    for mb in (256, 1024):
+        rate, wall = ray_rates(dataset, work, [*overrides, f"scale.cache_mb={mb}"], 2,
+                               run=f"cache{mb}", config="configs/amazon/train_sid.yaml")
+        out[f"cache_mb_{mb}_samples_per_s"], out[f"cache_mb_{mb}_stage_wall_s"] = rate, wall
+    out["cached_over_streamed"] = out["cache_mb_1024_samples_per_s"] / out["cache_mb_256_samples_per_s"]
     return out
 
 
@@ -151,11 +170,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--forge-size", action="store_true",
                         help="FORGE-size RQ-VAE with pairs, 1 vs 2 workers only")
+    parser.add_argument("--dataset", type=Path,
+                        help="an embedded Amazon dataset: the shipped RQ-VAE streamed vs cached only")
     parser.add_argument("--deepspeed", nargs="+", default=["zero2.json"],
                         help="--forge-size: DeepSpeed JSONs (cluster/deepspeed/); 1 worker runs the "
                              "first, 2 workers run each")
     args = parser.parse_args()
     faiss.omp_set_num_threads(1)
+    if args.dataset:
+        with tempfile.TemporaryDirectory() as tmp, ray_session():  # as the Beauty job: every CPU
+            print(json.dumps(cache_bench(args.dataset.resolve(), Path(tmp), args.steps), indent=2))
+        return
     if args.forge_size:
         with tempfile.TemporaryDirectory() as tmp, ray_session(num_cpus=4):
             print(json.dumps(forge_size_bench(Path(tmp), args.items, args.steps, args.deepspeed), indent=2))

@@ -200,7 +200,10 @@ class ScaleConfig:
     ``cache_mb``: a training dataset estimated below this many MiB is built once and
     kept in the object store (spilled to disk if that fills); a larger one streams
     from Parquet every epoch. Re-running the read and transform costs seconds per
-    epoch, which dominates small runs of many short epochs. 0 = always stream.
+    epoch, which dominates small runs of many short epochs. 0 = always stream. The
+    default (1 GiB) holds an Amazon-review dataset's co-occurrence pairs (Beauty's
+    131k pairs are 2 x 384 floats each, 385 MiB): streamed, each pair epoch re-read
+    them on the cores the workers train on (docs/benchmarks.md, Quantizer training).
 
     ``torch_threads``: intra-op threads of each worker. Ray sets one per whole CPU of
     the worker's share (one for a fractional share); set it to give a worker more, e.g.
@@ -214,7 +217,7 @@ class ScaleConfig:
     max_failures: int = 1          # worker crashes survived by restarting from the last checkpoint
     checkpoint_every: int = 100    # optimizer steps between checkpoints
     keep_checkpoints: int = 2
-    cache_mb: int = 256
+    cache_mb: int = 1024
     torch_threads: int = 0  # per worker; 0: Ray's OMP_NUM_THREADS (the worker's whole CPUs, >= 1)
 
     def __post_init__(self):
