@@ -4,6 +4,7 @@ maintenance (k-means init, dead-code restart, EMA), Sinkhorn training, persisten
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -183,6 +184,18 @@ def test_summed_codebook_stats_of_two_replicas_equal_one_process_on_both_halves(
             torch.testing.assert_close(getattr(a, f"ema_sum_{level}"), getattr(b, f"ema_sum_{level}"), rtol=0, atol=0)
     # without EMA the stats are counts only: K floats per level
     assert tiny(ema=False).codebook_stats().shape == (16 + 16 + 8,)
+
+
+def test_read_only_input_as_ray_hands_it_over_encodes_without_a_warning():
+    x = popular_and_tail(300)
+    m = tiny()
+    m.init_codebooks(x)
+    codes = m.encode(x)
+    x.setflags(write=False)  # Ray Data batches and ray.get arrays are read-only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on sharing a read-only buffer
+        np.testing.assert_array_equal(m.encode(x), codes)
+        np.testing.assert_allclose(m.embed(x), m.embed(x.copy()))
 
 
 def test_mixing_schedule():

@@ -35,7 +35,7 @@ from torch import nn
 
 from forge_ray.config import require
 from forge_ray.core.quantize.balanced import sinkhorn_assign
-from forge_ray.core.quantize.base import (batched, check_codes, check_embeddings, code_costs,
+from forge_ray.core.quantize.base import (as_tensor, batched, check_codes, check_embeddings, code_costs,
                                           nearest_codes, ranked_codes, saved_config_and_weights,
                                           write_quantizer_json)
 from forge_ray.core.quantize.kmeans import ArrayData, kmeans
@@ -278,7 +278,7 @@ class RQVAE(nn.Module):
         self.eval()
         try:
             with torch.no_grad():
-                return batched(lambda xb: fn(torch.from_numpy(xb).to(device)), x,
+                return batched(lambda xb: fn(as_tensor(xb).to(device)), x,  # Ray's are read-only
                                self.config.encode_batch_size)
         finally:
             self.train(was)
