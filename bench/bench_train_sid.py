@@ -10,6 +10,9 @@
    contrastive pairs from ``pair_window=1``) on an embedded dataset such as Beauty's,
    2 workers, with ``scale.cache_mb`` 256 (the old default: the pairs stream from
    Parquet every epoch) and 1024 (the default: both tables cached in the object store).
+   With ``--trained MODEL_DIR`` (that dataset's trained RQ-VAE): instead, one process,
+   1 thread, the forward + backward time of a pair step and of a reconstruction step
+   (batch 1024) with subnormal floats kept and flushed to zero (what the workers do).
 2. RQ-KMeans fit time: distributed (Ray tasks over shards) and in-process (core) vs
    ``faiss.ResidualQuantizer`` on identical data and sizes (power-of-2 codebooks),
    with each one's reconstruction MSE.
@@ -18,6 +21,7 @@ Usage: python bench/bench_train_sid.py [--items 20000] [--dim 64] [--steps 60]
        python bench/bench_train_sid.py --forge-size [--items 40000] [--steps 40]
            [--deepspeed zero2.json zero0.json]
        python bench/bench_train_sid.py --dataset runs/beauty_cpu/dataset [--steps 300]
+       python bench/bench_train_sid.py --dataset runs/beauty_cpu/dataset --trained runs/beauty_cpu/quantizer
 """
 
 from __future__ import annotations
@@ -141,6 +145,43 @@ def cache_bench(dataset: Path, work: Path, steps: int) -> dict:
     return out
 
 
+def denormal_bench(dataset: Path, model_dir: Path, reps: int = 6, rounds: int = 3) -> dict:
+    """ms per forward + backward of a trained RQ-VAE on 1024 real items / pairs of items,
+    subnormals kept vs flushed, alternating ``rounds`` times (medians)."""
+    from forge_ray.core.quantize.losses import LossConfig
+    from forge_ray.core.quantize.registry import load_quantizer
+    from forge_ray.core.quantize.train_loop import compute_loss
+    from forge_ray.distributed.sid_outputs import load_embeddings
+
+    torch.set_num_threads(1)
+    model = load_quantizer(model_dir)
+    model.train()
+    _, x = load_embeddings(dataset)
+    rng = np.random.default_rng(0)
+    rows = lambda: torch.from_numpy(x[rng.integers(0, len(x), 1024)])  # noqa: E731
+    recon, pair, cfg = rows(), (rows(), rows()), LossConfig()
+
+    def ms(flush: bool, batch, pairs) -> float:
+        torch.set_flush_denormal(flush)
+        compute_loss(model, batch, pairs, cfg)[0].backward()  # warm-up
+        t = time.perf_counter()
+        for _ in range(reps):
+            model.zero_grad()
+            compute_loss(model, batch, pairs, cfg)[0].backward()
+        return (time.perf_counter() - t) / reps * 1000
+
+    times = {f"{kind}_{mode}_ms": [] for kind in ("pair", "recon") for mode in ("kept", "flushed")}
+    for _ in range(rounds):
+        for flush, mode in ((False, "kept"), (True, "flushed")):
+            times[f"pair_{mode}_ms"].append(ms(flush, None, pair))
+            times[f"recon_{mode}_ms"].append(ms(flush, recon, None))
+    torch.set_flush_denormal(False)
+    out = {k: float(np.median(v)) for k, v in times.items()}
+    for kind in ("pair", "recon"):
+        out[f"{kind}_flushed_speedup"] = out[f"{kind}_kept_ms"] / out[f"{kind}_flushed_ms"]
+    return out
+
+
 def kmeans_bench(ds: Path, x: np.ndarray, dim: int) -> dict:
     cfg = RQKMeansConfig(sizes=[64, 64, 64], niter=5, init_niter=10, batch_size=8192)
     out = {}
@@ -172,11 +213,16 @@ def main() -> None:
                         help="FORGE-size RQ-VAE with pairs, 1 vs 2 workers only")
     parser.add_argument("--dataset", type=Path,
                         help="an embedded Amazon dataset: the shipped RQ-VAE streamed vs cached only")
+    parser.add_argument("--trained", type=Path,
+                        help="with --dataset: its trained RQ-VAE; subnormals kept vs flushed only")
     parser.add_argument("--deepspeed", nargs="+", default=["zero2.json"],
                         help="--forge-size: DeepSpeed JSONs (cluster/deepspeed/); 1 worker runs the "
                              "first, 2 workers run each")
     args = parser.parse_args()
     faiss.omp_set_num_threads(1)
+    if args.trained:
+        print(json.dumps(denormal_bench(args.dataset.resolve(), args.trained.resolve()), indent=2))
+        return
     if args.dataset:
         with tempfile.TemporaryDirectory() as tmp, ray_session():  # as the Beauty job: every CPU
             print(json.dumps(cache_bench(args.dataset.resolve(), Path(tmp), args.steps), indent=2))
