@@ -219,6 +219,8 @@ def main() -> None:
                         help="--forge-size: DeepSpeed JSONs (cluster/deepspeed/); 1 worker runs the "
                              "first, 2 workers run each")
     args = parser.parse_args()
+    if args.trained and not args.dataset:
+        parser.error("--trained needs --dataset (the items the model was trained on)")
     faiss.omp_set_num_threads(1)
     if args.trained:
         print(json.dumps(denormal_bench(args.dataset.resolve(), args.trained.resolve()), indent=2))
