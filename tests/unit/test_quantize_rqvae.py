@@ -61,6 +61,20 @@ def test_info_nce_on_a_2x2_similarity_by_hand():
     assert info_nce(a, b, torch.tensor(s)).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_info_nce_equals_cross_entropy_both_ways_with_the_same_gradients():
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(64, 24, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    s = torch.tensor(14.0, dtype=torch.float64)
+    logits = s * torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+    t = torch.arange(64)
+    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, t) + torch.nn.functional.cross_entropy(logits.T, t))
+    ref_grads = torch.autograd.grad(ref, (a, b))
+    got = info_nce(a, b, s)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+    for want, have in zip(ref_grads, torch.autograd.grad(got, (a, b))):
+        assert torch.allclose(want, have, rtol=1e-10, atol=1e-14)
+
+
 def test_contrastive_loss_terms_and_scale_clamp():
     g = torch.Generator().manual_seed(0)
     xa, xb, ha, hb = (torch.randn(4, 6, generator=g) for _ in range(4))
