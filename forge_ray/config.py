@@ -208,6 +208,14 @@ class ScaleConfig:
     ``torch_threads``: intra-op threads of each worker. Ray sets one per whole CPU of
     the worker's share (one for a fractional share); set it to give a worker more, e.g.
     one worker with 2 threads on a 2-core machine while Ray Data keeps a CPU to schedule.
+
+    ``autocast``: ``bf16`` runs train-gr's training forward passes under
+    ``torch.autocast`` in bfloat16 (matmuls in bf16; weights, gradients, optimizer
+    state, the loss and the validation passes stay float32). It pays on CPUs with
+    bf16 matrix units (Intel AMX, Sapphire Rapids and later: 1.7x per step for the
+    Amazon causal decoder on one core, docs/benchmarks.md) and is slow where bf16 is
+    emulated. On GPUs DeepSpeed's own ``bf16`` section is the usual choice.
+    train-sid refuses it: its InfoNCE logits and nearest-code search need float32.
     """
 
     num_workers: int = 2
@@ -219,6 +227,7 @@ class ScaleConfig:
     keep_checkpoints: int = 2
     cache_mb: int = 1024
     torch_threads: int = 0  # per worker; 0: Ray's OMP_NUM_THREADS (the worker's whole CPUs, >= 1)
+    autocast: Literal["none", "bf16"] = "none"
 
     def __post_init__(self):
         require(self.num_workers >= 1, "scale.num_workers must be >= 1")

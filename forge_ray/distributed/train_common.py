@@ -152,6 +152,16 @@ def deepspeed_config(name: str, *, micro_batch: int, grad_accum: int, world_size
     return cfg
 
 
+def autocast(mode: str):
+    """A context manager for a training forward pass: ``torch.autocast`` in bfloat16 on
+    the worker's device for ``mode == "bf16"`` (ScaleConfig.autocast), a no-op for
+    ``"none"``. Backward runs outside it, as torch recommends."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16")
+
+
 def init_deepspeed(model, ds_config: dict, lr_lambda: Callable[[int], float] | None = None):
     """``deepspeed.initialize`` inside a Ray Train worker; returns the engine.
 

@@ -151,7 +151,7 @@ def _worker(cfg: dict) -> None:
     import torch.distributed as dist
 
     from forge_ray.core.gr.data import IGNORE, collate_causal, collate_seq2seq, collate_sequences
-    from forge_ray.distributed.train_common import RunReporter, init_deepspeed
+    from forge_ray.distributed.train_common import RunReporter, autocast, init_deepspeed
 
     logs.setup_worker(cfg["log_levels"])
     if cfg["torch_threads"]:
@@ -199,7 +199,8 @@ def _worker(cfg: dict) -> None:
             # batches are read-only views: copy rows before torch takes them
             b = collate([np.array(x) for x in batch["input_ids"]], list(batch["labels"]), vocab)
             waiting.seconds += time.perf_counter() - collate_start
-            loss = engine(**b).loss
+            with autocast(cfg["autocast"]):
+                loss = engine(**b).loss
             if int(engine.global_steps) + 1 == cfg["nan_step"]:  # fault injection for tests
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -480,7 +481,8 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
             "ds_config": ds_config,
             "run_dir": os.fspath((storage / cfg.run.name / "logs").resolve()),
             "fingerprint": fingerprint(shape), "valid_ref": ray.put(valid), "trie_ref": ray.put(trie),
-            "log_levels": logs.worker_levels(), "torch_threads": scale.torch_threads}
+            "log_levels": logs.worker_levels(), "torch_threads": scale.torch_threads,
+            "autocast": scale.autocast}
     log.info(f"[train-gr] {counts.examples:,} training {cfg.data.train_examples} "
              f"({counts.targets or counts.examples:,} targets; {len(valid['input_ids']):,} validation windows) "
              f"({'cached' if example_mb <= scale.cache_mb else 'streamed'}, <= {example_mb:,.1f} MiB), "

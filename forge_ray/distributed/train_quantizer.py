@@ -78,6 +78,8 @@ class TrainSidConfig:
         require(self.in_process_max_items >= 0, "in_process_max_items must be >= 0")
         require(self.pair_window >= 0, "pair_window must be >= 0")
         require(self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
+        require(self.scale.autocast == "none", "scale.autocast is a train-gr setting: train-sid "
+                                               "trains in float32 (set scale.autocast=none)")
         if self.quantizer == "rq_kmeans_balanced":
             self.rq_kmeans.balanced = True
 

@@ -278,7 +278,8 @@ def test_decoder_only_trains_on_whole_sequences(ray_cluster, tmp_path):
     cfg = tiny_config("model.arch=qwen2", "data.train_examples=sequences", "train.max_steps=8",
                       "train.eval_every=4", "train.valid_samples=0", "train.early_stop_metric=valid_loss",
                       "train.log_every=1", "train.length_buckets=2", f"run.storage_path={tmp_path / 'runs'}",
-                      "scale.deepspeed_config=zero0.json")  # as configs/amazon/causal/train_gr.yaml
+                      "scale.deepspeed_config=zero0.json",  # as configs/amazon/causal/train_gr.yaml
+                      "scale.autocast=bf16")
     m = train_gr(ds, sids, tmp_path / "m", cfg)
     table, vocab = ItemSIDTable(items, codes), SIDVocab(SIZES)
     _, windows = build_examples(users, seqs, table, vocab, "train", 5)
