@@ -212,10 +212,10 @@ class ScaleConfig:
     ``autocast``: ``bf16`` runs train-gr's training forward passes under
     ``torch.autocast`` in bfloat16 (matmuls in bf16; weights, gradients, optimizer
     state, the loss and the validation passes stay float32). It pays on CPUs with
-    bf16 matrix units (Intel AMX, Sapphire Rapids and later: 1.7x per step for the
+    bf16 matrix units (Intel AMX, Sapphire Rapids and later: 1.4x per step for the
     Amazon causal decoder on one core, docs/benchmarks.md) and is slow where bf16 is
     emulated. On GPUs DeepSpeed's own ``bf16`` section is the usual choice.
-    train-sid refuses it: its InfoNCE logits and nearest-code search need float32.
+    train-sid refuses it: its InfoNCE logits and nearest-code search were not validated in bf16.
     """
 
     num_workers: int = 2
