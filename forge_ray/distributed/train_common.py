@@ -162,6 +162,18 @@ def autocast(mode: str):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bf16")
 
 
+def native_bf16() -> bool:
+    """Whether this process computes bf16 matmuls in hardware: a CUDA GPU that supports
+    bf16, or a CPU with AMX tiles or AVX512-BF16 (what torch's oneDNN kernels use).
+    Elsewhere bf16 is emulated and slower than float32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu, private
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def init_deepspeed(model, ds_config: dict, lr_lambda: Callable[[int], float] | None = None):
     """``deepspeed.initialize`` inside a Ray Train worker; returns the engine.
 

@@ -151,11 +151,15 @@ def _worker(cfg: dict) -> None:
     import torch.distributed as dist
 
     from forge_ray.core.gr.data import IGNORE, collate_causal, collate_seq2seq, collate_sequences
-    from forge_ray.distributed.train_common import RunReporter, autocast, init_deepspeed
+    from forge_ray.distributed.train_common import RunReporter, autocast, init_deepspeed, native_bf16
 
     logs.setup_worker(cfg["log_levels"])
     if cfg["torch_threads"]:
         torch.set_num_threads(cfg["torch_threads"])
+    if cfg["autocast"] == "bf16" and not native_bf16():
+        log.warning("[train-gr] scale.autocast=bf16, but this worker's device has no bf16 matrix "
+                    "units (no AMX or AVX512-BF16 CPU, no bf16 GPU): bf16 is emulated and slower "
+                    "than float32; set scale.autocast=none")
     t = cfg["train"]
     torch.manual_seed(t["seed"])
     vocab = SIDVocab(tuple(cfg["sizes"]))

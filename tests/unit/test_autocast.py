@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from forge_ray.config import ScaleConfig, load_config
 from forge_ray.core.gr.models import GRModelConfig, build_model
 from forge_ray.core.gr.vocab import SIDVocab
-from forge_ray.distributed.train_common import autocast
+from forge_ray.distributed.train_common import autocast, native_bf16
 from forge_ray.distributed.train_quantizer import TrainSidConfig
 from forge_ray.errors import ConfigError
 
@@ -48,3 +51,14 @@ def test_autocast_setting_is_checked():
         load_config(ScaleConfig, None, ["autocast=fp16"])
     with pytest.raises(ConfigError, match="train-gr setting"):
         load_config(TrainSidConfig, None, ["scale.autocast=bf16"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_native_bf16_matches_the_cpu_flags():
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    if torch.cuda.is_available():
+        pytest.skip("a GPU process answers for its GPU")
+    assert native_bf16() == bool(flags & {"amx_tile", "avx512_bf16"})
