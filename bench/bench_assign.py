@@ -28,7 +28,8 @@ from forge_ray.core.quantize.rq_kmeans import RQKMeans
 from forge_ray.data.schema import ShardWriter, embedding_array, items_schema
 from forge_ray.io import write_manifest
 
-from rss import PeakRss  # bench/rss.py: a script's own folder is on sys.path
+from peak import matmul_gflops  # bench/peak.py and bench/rss.py: a script's own folder is on sys.path
+from rss import PeakRss
 
 
 def timed(fn, repeat=1):
@@ -38,12 +39,6 @@ def timed(fn, repeat=1):
         out = fn()
         best = min(best, time.perf_counter() - t)
     return best, out
-
-
-def matmul_gflops(n=2048, repeat=3) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    sec, _ = timed(lambda: a @ b, repeat)
-    return 2 * n ** 3 / sec / 1e9
 
 
 def main():

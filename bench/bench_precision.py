@@ -28,15 +28,7 @@ from forge_ray.core.gr.models import GRModelConfig, build_model
 from forge_ray.core.gr.vocab import SIDVocab
 from forge_ray.distributed.train_common import autocast
 
-
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # first call: kernel selection
-    start, runs = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        a @ b
-        runs += 1
-    return 2 * n ** 3 * runs / (time.perf_counter() - start) / 1e9
+from peak import matmul_gflops  # bench/peak.py: a script's own folder is on sys.path
 
 
 def main() -> None:
@@ -81,8 +73,8 @@ def main() -> None:
     tokens = args.batch * args.length
     print(f"{args.arch} {args.preset}, batch {args.batch} x {args.length} tokens, {args.threads} thread(s), "
           f"median of {args.rounds} alternating rounds of {args.steps} steps")
-    print(f"  matmul 1024^2: float32 {matmul_gflops(torch.float32):7.1f} GFLOP/s, "
-          f"bfloat16 {matmul_gflops(torch.bfloat16):7.1f} GFLOP/s")
+    print(f"  matmul 1024^2: float32 {matmul_gflops(1024, 10, torch.float32):7.1f} GFLOP/s, "
+          f"bfloat16 {matmul_gflops(1024, 10, torch.bfloat16):7.1f} GFLOP/s")
     print(f"  step, float32          : {f32:8.1f} ms  ({tokens / f32 * 1e3:9,.0f} tokens/s)")
     print(f"  step, bf16 autocast    : {b16:8.1f} ms  ({tokens / b16 * 1e3:9,.0f} tokens/s)  "
           f"speed-up {f32 / b16:.2f}x")
