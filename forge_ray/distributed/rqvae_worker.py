@@ -1,18 +1,24 @@
 """The Ray Train worker of ``train-sid`` for RQ-VAE (one per data-parallel rank).
 
-Everything arrives through the loop config (never globals). Each rank streams its
+Everything arrives through the loop config (never globals). Each rank reads its
 shard of the items (``get_dataset_shard("train")``) and, when the dataset has
 co-occurrence pairs, of the joined pair embeddings (``"pairs"``), cycling through
-epochs until the step budget is spent, each epoch through a reseeded local shuffle
-buffer (``shuffle_buffer`` rows); Ray Train splits both with ``equal=True``, so every
-rank reaches an epoch end at the same step. DeepSpeed (ZeRO 1/2 from the
-JSON) owns the optimizer. Per step, besides DeepSpeed's gradient reduction, one
-all-reduce carries the NaN flag and every level's codebook statistics (EMA, dead-code
-restart); codebooks are broadcast only at steps that restart codes.
+epochs until the step budget is spent. A dataset the driver cached (below
+``scale.cache_mb``) is read once into the rank, and each epoch is a reseeded
+permutation of that copy: no Ray Data execution per epoch, whose split coordinator
+and log lines took CPU from the workers on a small machine. A larger one streams
+every epoch through a reseeded local shuffle buffer (``shuffle_buffer`` rows). Ray
+Train splits both with ``equal=True``, so every rank reaches an epoch end at the same
+step. DeepSpeed (ZeRO stage from the JSON) owns the optimizer. Per step, besides
+DeepSpeed's gradient reduction, one all-reduce carries the NaN flag and every level's
+codebook statistics (EMA, dead-code restart); codebooks are broadcast only at steps
+that restart codes.
 
 Memory per rank: the model, its optimizer partition, one reconstruction batch and
-one pair batch (``train.batch_size`` / ``train.pair_batch_size`` rows), and the two
-shuffle buffers (``shuffle_buffer`` rows of D and of 2 x D floats).
+one pair batch (``train.batch_size`` / ``train.pair_batch_size`` rows), and per
+dataset either its cached shard (at most ``scale.cache_mb`` / world MiB; twice that
+while it is read in) or a shuffle buffer (``shuffle_buffer`` rows of D, or of 2 x D
+floats for pairs).
 """
 
 from __future__ import annotations
@@ -39,19 +45,41 @@ from forge_ray.distributed.train_common import RunReporter, init_deepspeed
 FINAL_DIR = "final_quantizer"  # rank 0 saves the trained quantizer here, inside run_dir
 
 
-def _batches(name: str, batch_size: int, shuffle_rows: int, seed: int):
-    """Endless (B, ...) tensor batches of this rank's shard of dataset ``name``, shuffled
-    through ``shuffle_rows`` rows with a new seed every epoch (0: the stored order)."""
-    shard = ray.train.get_dataset_shard(name)
+def shard_batches(shard, name: str, batch_size: int, shuffle_rows: int, seed: int, held: bool):
+    """Endless (B, ...) tensor batches of a dataset ``shard`` (a Ray Data iterator, this
+    rank's share of dataset ``name``), in a new order every epoch (seed ``seed + epoch``;
+    ``shuffle_rows`` 0: the stored order). Each epoch drops its last partial batch.
+
+    ``held``: the shard is read into this process once and each epoch permutes all of
+    it; otherwise it streams every epoch through a ``shuffle_rows``-row shuffle buffer.
+    """
+    rows = _read_shard(shard) if held else None
     for epoch in itertools.count():
+        if rows is None:
+            epoch_batches = shard.iter_torch_batches(
+                batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=shuffle_rows or None,
+                local_shuffle_seed=seed + epoch if shuffle_rows else None)
+        else:
+            n = len(next(iter(rows.values()))) if rows else 0
+            order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+                     if shuffle_rows else torch.arange(n))
+            epoch_batches = ({k: v[order[s: s + batch_size]] for k, v in rows.items()}  # gathers copy
+                             for s in range(0, n - batch_size + 1, batch_size))
         empty = True
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=shuffle_rows or None,
-                                              local_shuffle_seed=seed + epoch if shuffle_rows else None):
+        for batch in epoch_batches:
             empty = False
             yield batch
         if empty:
             raise RuntimeError(f"the {name!r} shard of this worker holds fewer than {batch_size} rows")
+
+
+def _read_shard(shard) -> dict[str, torch.Tensor]:
+    """All of a dataset shard as one tensor per column, (rows, ...) each."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in shard.iter_torch_batches(batch_size=16_384):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in parts.items()}
 
 
 def _broadcast_hook(device: torch.device):
@@ -101,8 +129,11 @@ def rqvae_worker(cfg: dict) -> None:
     has_pairs = cfg["has_pairs"]
     # Seeds differ per rank and per resumed attempt (a resume restarts the epoch count).
     seed = train["seed"] * 1_000_003 + 1_009 * rank + step
-    recon_it = _batches("train", train["batch_size"], cfg["shuffle_buffer"], seed)
-    pair_it = _batches("pairs", train["pair_batch_size"], cfg["shuffle_buffer"], seed) if has_pairs else None
+    held = cfg["held_in_workers"]
+    recon_it = shard_batches(ray.train.get_dataset_shard("train"), "train", train["batch_size"],
+                             cfg["shuffle_buffer"], seed, held["train"])
+    pair_it = (shard_batches(ray.train.get_dataset_shard("pairs"), "pairs", train["pair_batch_size"],
+                             cfg["shuffle_buffer"], seed, held["pairs"]) if has_pairs else None)
     bar = tqdm(total=total, initial=step, desc="train-sid", disable=rank != 0 or not train["progress"])
     window: dict[str, list[float]] = {}  # metrics since the last log line (steps alternate kinds)
     world, window_rows, window_start = ray.train.get_context().get_world_size(), 0, time.perf_counter()

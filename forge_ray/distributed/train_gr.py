@@ -74,6 +74,9 @@ class GROptimConfig:
         serve them in random order, so each pads to about its own length (1 = off);
         worth it when lengths vary, as whole-sequence chunks do (2 to max_history + 1
         items).
+    shuffle_buffer: rows each worker shuffles a streamed training set through,
+        reseeded every epoch. A training set below ``scale.cache_mb`` is held by each
+        worker instead (its shard, permuted whole every epoch); 0 keeps the stored order.
     """
 
     lr: float = 1e-3
@@ -183,6 +186,9 @@ def _worker(cfg: dict) -> None:
     else:
         collate = collate_seq2seq if model_cfg.arch == "t5" else collate_causal
     shard = ray.train.get_dataset_shard("train")
+    # a cached training set: read this rank's shard once; epochs then permute it in place
+    # of a Ray Data execution each (whose coordinator took CPU from the workers)
+    held = _read_shard(shard) if cfg["held_in_workers"] else None
     higher = t["early_stop_metric"] != "valid_loss"
     # Rates are over the window since the last log line, so start-up, checkpoints and
     # validation passes do not blur the steady state; ``data_wait`` is the share of the
@@ -196,7 +202,7 @@ def _worker(cfg: dict) -> None:
 
     micro = done_in_epoch
     while epoch < t["epochs"] and step < total and not stop:
-        for i, batch in enumerate(waiting.timed(_micro_batches(shard, t, epoch))):
+        for i, batch in enumerate(waiting.timed(_micro_batches(shard, held, t, epoch))):
             if i < done_in_epoch:  # resumed mid-epoch: skip what was trained on
                 continue
             collate_start = time.perf_counter()
@@ -280,8 +286,19 @@ class _Wait:
             yield item
 
 
-def _micro_batches(shard, t: dict, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of this worker's shard as micro-batches (``train.length_buckets``).
+def _read_shard(shard) -> dict[str, np.ndarray]:
+    """All of a dataset shard in this process: one (rows,) numpy array per column."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in shard.iter_batches(batch_size=16_384, batch_format="numpy"):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def _micro_batches(shard, held: dict[str, np.ndarray] | None, t: dict,
+                   epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of this worker's shard as micro-batches (``train.length_buckets``):
+    streamed through the shuffle buffer, or, for a ``held`` shard, a permutation of it.
 
     Deterministic for a seed and epoch, so a resumed epoch skips the same ones. Every
     worker yields the same number (Ray Train splits the rows equally; a remainder
@@ -289,9 +306,17 @@ def _micro_batches(shard, t: dict, epoch: int) -> Iterator[dict[str, np.ndarray]
     the all-reduces stay in step.
     """
     mb, groups = t["micro_batch"], t["length_buckets"]
-    big = shard.iter_batches(batch_size=mb * groups, batch_format="numpy", drop_last=groups == 1,
-                             local_shuffle_buffer_size=t["shuffle_buffer"] or None,
-                             local_shuffle_seed=t["seed"] + epoch)
+    size = mb * groups
+    if held is None:
+        big = shard.iter_batches(batch_size=size, batch_format="numpy", drop_last=groups == 1,
+                                 local_shuffle_buffer_size=t["shuffle_buffer"] or None,
+                                 local_shuffle_seed=t["seed"] + epoch)
+    else:
+        n = len(held["input_ids"])
+        perm = (np.random.default_rng([t["seed"], epoch, 1]).permutation(n) if t["shuffle_buffer"]
+                else np.arange(n))
+        stop = n - n % size if groups == 1 else n
+        big = ({k: v[perm[s: s + size]] for k, v in held.items()} for s in range(0, stop, size))
     if groups == 1:
         yield from big
         return
@@ -464,7 +489,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
                                f"({per_step}); lower train.micro_batch or scale.num_workers")
     # int64 history tokens (+ eos) and labels per example, an upper bound of its size
     example_mb = counts.examples * ((cfg.data.max_history + 1) * vocab.n_levels + 3) * 8 / 2**20
-    train_ds = cached_if_small(train_ds, example_mb, scale)
+    train_ds = cached_if_small(train_ds, example_mb, scale)  # and then held by the workers
     total = (counts.examples // per_step) * t.epochs
     total = min(total, t.max_steps) if t.max_steps else total
     valid = {"input_ids": [np.asarray(r["input_ids"], np.int64) for r in valid_rows],
@@ -486,7 +511,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
             "run_dir": os.fspath((storage / cfg.run.name / "logs").resolve()),
             "fingerprint": fingerprint(shape), "valid_ref": ray.put(valid), "trie_ref": ray.put(trie),
             "log_levels": logs.worker_levels(), "torch_threads": scale.torch_threads,
-            "autocast": scale.autocast}
+            "autocast": scale.autocast, "held_in_workers": example_mb <= scale.cache_mb}
     log.info(f"[train-gr] {counts.examples:,} training {cfg.data.train_examples} "
              f"({counts.targets or counts.examples:,} targets; {len(valid['input_ids']):,} validation windows) "
              f"({'cached' if example_mb <= scale.cache_mb else 'streamed'}, <= {example_mb:,.1f} MiB), "

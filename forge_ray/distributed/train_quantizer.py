@@ -51,11 +51,13 @@ class TrainSidConfig:
         releases ship one); N > 0: co-occurrences at most N positions apart in each
         user's training part (all but the last two items), for datasets of
         interactions only (Amazon reviews).
-    shuffle_buffer: RQ-VAE on Ray Train: rows each worker shuffles its shards through,
-        reseeded every epoch, so batches (and the contrastive loss's in-batch
+    shuffle_buffer: RQ-VAE on Ray Train: rows each worker shuffles its streamed shards
+        through, reseeded every epoch, so batches (and the contrastive loss's in-batch
         negatives) change from epoch to epoch as the in-process loop's uniform sampling
         does; 0 keeps the stored order, the same batches every epoch. Memory per
-        worker: about ``shuffle_buffer`` x 3 x D x 4 bytes (items and pairs).
+        worker: about ``shuffle_buffer`` x 3 x D x 4 bytes (items and pairs). A
+        dataset below ``scale.cache_mb`` is held whole by each worker instead (its
+        shard, permuted every epoch; any value > 0 shuffles it).
     """
 
     quantizer: Literal["rqvae", "rq_kmeans", "rq_kmeans_balanced"] = "rqvae"
@@ -209,15 +211,16 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
                                                       cfg.pair_window, broadcast_mb=cfg.scale.cache_mb)
     has_pairs = n_pairs > 0
     embedding_mb = manifest["embedding_dim"] * 4 / 2**20  # one float32 embedding
-    embeddings = {"train": items, "pairs": 2 * n_pairs}
-    datasets = {k: cached_if_small(ds, embeddings[k] * embedding_mb, cfg.scale)
-                for k, ds in datasets.items()}
+    estimate_mb = {"train": items * embedding_mb, "pairs": 2 * n_pairs * embedding_mb}
+    datasets = {k: cached_if_small(ds, estimate_mb[k], cfg.scale) for k, ds in datasets.items()}
+    # a cached dataset is small enough for each worker to hold its shard (rqvae_worker)
+    held = {k: v <= cfg.scale.cache_mb for k, v in estimate_mb.items()}
     loop = {
         # the worker's bar goes to the driver's stderr: drawn only where that is a terminal
         "rqvae": to_dict(cfg.rqvae), "train": {**to_dict(train), "progress": train.progress and logs.bars()},
         "init_state": model.state_dict(),
         "total_steps": total, "warmup_steps": warmup, "checkpoint_every": cfg.scale.checkpoint_every,
-        "has_pairs": has_pairs, "shuffle_buffer": cfg.shuffle_buffer, "run_dir": os.fspath(run_dir / "forge_ray"), "fingerprint": fp,
+        "has_pairs": has_pairs, "shuffle_buffer": cfg.shuffle_buffer, "held_in_workers": held, "run_dir": os.fspath(run_dir / "forge_ray"), "fingerprint": fp,
         "torch_threads": cfg.scale.torch_threads, "faults": injected_faults(), "log_levels": logs.worker_levels(),
         "deepspeed": deepspeed_config(cfg.scale.deepspeed_config, micro_batch=train.batch_size,
                                       grad_accum=1, world_size=workers, lr=train.lr,

@@ -313,7 +313,8 @@ def test_refit_trains_on_the_validation_items_and_is_scored_on_test_only(ray_clu
     ds, sids, items, codes, users, seqs = build_gr_data(tmp_path)
     m = train_gr(ds, sids, tmp_path / "m", tiny_config(
         "model.arch=qwen2", "data.train_examples=sequences", "data.train_holdout=1", "train.max_steps=3",
-        "train.eval_every=1", f"run.storage_path={tmp_path / 'runs'}"))
+        "train.eval_every=1", f"run.storage_path={tmp_path / 'runs'}",
+        "scale.cache_mb=0"))  # streamed every epoch (the other tests' workers hold their shards)
     _, refit = build_examples(users, seqs, ItemSIDTable(items, codes), SIDVocab(SIZES), "train", 5, holdout=1)
     _, protocol = build_examples(users, seqs, ItemSIDTable(items, codes), SIDVocab(SIZES), "train", 5)
     assert m["counts"]["targets"] == refit.examples == protocol.examples + 40  # + one per non-empty user

@@ -114,7 +114,8 @@ def test_resume_continues_and_refuses_mismatches(ray_cluster, data, tmp_path):
 def test_nan_loss_stops_with_the_step(ray_cluster, data, tmp_path, monkeypatch):
     ds, _ = data
     monkeypatch.setenv(FAULT_ENV["nan_step"], "5")
-    cfg = tiny("train.steps=10", "scale.checkpoint_every=2", tmp_path=tmp_path)
+    # cache_mb=0: the shards stream from Parquet every epoch (the other tests hold them)
+    cfg = tiny("train.steps=10", "scale.checkpoint_every=2", "scale.cache_mb=0", tmp_path=tmp_path)
     with pytest.raises(TrainingError, match=r"NaN at step 5.*checkpoint_"):
         train_sid(ds, tmp_path / "m", cfg)
     assert not (tmp_path / "m").exists()
@@ -176,3 +177,32 @@ def test_contrastive_pairs_from_the_sequences_training_part(ray_cluster, tmp_pat
     no_seq, _ = make_dataset(tmp_path / "ds2", n_pairs=0)
     with pytest.raises(InputError, match="needs a sequences table"):
         train_sid(no_seq, tmp_path / "m2", tiny("pair_window=1", tmp_path=tmp_path / "r2"))
+
+
+def test_shard_batches_held_and_streamed(ray_cluster):
+    """A worker's batches: a held shard gives every row once per epoch (less the last
+    partial batch) in a new, seeded order each epoch; a streamed one the same batch
+    shapes through its shuffle buffer; a shard smaller than one batch is refused."""
+    import ray
+    import torch
+
+    from forge_ray.distributed.rqvae_worker import shard_batches
+
+    shard = ray.data.from_arrow(pa.table({"x": np.arange(100, dtype=np.float32)})).iterator()
+
+    def epochs(held: bool, shuffle: int, seed: int = 3, batch: int = 32, n: int = 2):
+        it = shard_batches(shard, "train", batch, shuffle, seed, held)
+        return [torch.cat([next(it)["x"] for _ in range(100 // batch)]) for _ in range(n)]
+
+    first, second = epochs(held=True, shuffle=1)
+    for rows in (first, second):
+        assert len(rows) == 96 and len(set(rows.tolist())) == 96 and set(rows.tolist()) <= set(range(100))
+    assert not torch.equal(first, second)  # reshuffled every epoch
+    assert torch.equal(epochs(held=True, shuffle=1)[0], first)  # seeded
+    assert not torch.equal(epochs(held=True, shuffle=1, seed=4)[0], first)
+    assert torch.equal(epochs(held=True, shuffle=0)[1], torch.arange(96, dtype=torch.float32))
+    streamed = epochs(held=False, shuffle=64)
+    assert all(len(set(rows.tolist())) == 96 for rows in streamed)
+    for held in (True, False):
+        with pytest.raises(RuntimeError, match="fewer than 128 rows"):
+            next(shard_batches(shard, "train", 128, 0, 0, held))
