@@ -99,16 +99,16 @@ def main():
             with PeakRss(period=0.2) as rss:
                 ray_times[strategy], _ = timed(lambda: assign(tmp / "model", tmp / "data",
                                                               tmp / f"sids_{strategy}", cfg))
-            ray_rss[strategy] = rss.matching("Encoder")
+            ray_rss[strategy] = rss.matching("Encoder"), rss.matching("Encoder", private=True)
     ray.shutdown()
 
     print(f"items={n} dim={d} sizes={sizes} threads={args.threads} partitions={args.partitions}")
     print(f"core encode (1 process)       : {n / t_core:12,.0f} items/s")
     print(f"faiss RQ compute_codes        : {n / t_faiss:12,.0f} items/s  (codes agree {agree:.4f})")
     for s, t in ray_times.items():
-        mib = ", ".join(f"{b / 2**20:,.0f}" for b in ray_rss[s])
+        mib, own = (", ".join(f"{b / 2**20:,.0f}" for b in peaks) for peaks in ray_rss[s])
         print(f"Ray Data assign ({s:4s}, e2e)  : {n / t:12,.0f} items/s  ({t:.1f} s; "
-              f"{t_core / t:.3f}x core; peak RSS per encoder actor {mib} MiB)")
+              f"{t_core / t:.3f}x core; peak RSS per encoder actor {mib} MiB, private {own} MiB)")
     print(f"ratio core/faiss              : {t_faiss / t_core:.2f}x")
     print(f"matmul peak                   : {peak:8.1f} GFLOP/s")
     print(f"nearest-code search           : {flops / t_core / 1e9:8.1f} GFLOP/s = "
