@@ -40,7 +40,7 @@ from forge_ray.core.quantize.losses import LossConfig
 from forge_ray.core.quantize.rqvae import RQVAE, RQVAEConfig
 from forge_ray.core.quantize.train_loop import batch_kinds, compute_loss
 from forge_ray.core.schedule import warmup_cosine_factor
-from forge_ray.distributed.train_common import RunReporter, init_deepspeed
+from forge_ray.distributed.train_common import RunReporter, init_deepspeed, read_shard
 
 FINAL_DIR = "final_quantizer"  # rank 0 saves the trained quantizer here, inside run_dir
 
@@ -53,7 +53,7 @@ def shard_batches(shard, name: str, batch_size: int, shuffle_rows: int, seed: in
     ``held``: the shard is read into this process once and each epoch permutes all of
     it; otherwise it streams every epoch through a ``shuffle_rows``-row shuffle buffer.
     """
-    rows = _read_shard(shard) if held else None
+    rows = {k: torch.from_numpy(v) for k, v in read_shard(shard).items()} if held else None
     for epoch in itertools.count():
         if rows is None:
             epoch_batches = shard.iter_torch_batches(
@@ -71,15 +71,6 @@ def shard_batches(shard, name: str, batch_size: int, shuffle_rows: int, seed: in
             yield batch
         if empty:
             raise RuntimeError(f"the {name!r} shard of this worker holds fewer than {batch_size} rows")
-
-
-def _read_shard(shard) -> dict[str, torch.Tensor]:
-    """All of a dataset shard as one tensor per column, (rows, ...) each."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    for batch in shard.iter_torch_batches(batch_size=16_384):
-        for key, value in batch.items():
-            parts.setdefault(key, []).append(value)
-    return {key: torch.cat(values) for key, values in parts.items()}
 
 
 def _broadcast_hook(device: torch.device):

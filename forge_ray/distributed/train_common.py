@@ -476,6 +476,19 @@ def _check_room_for_data(scale: ScaleConfig) -> None:
             f"scale.cpus_per_worker (fractions are fine: torch still uses one thread per worker)")
 
 
+def read_shard(shard) -> dict[str, "np.ndarray"]:
+    """All of a Ray Train dataset shard in this worker: one (rows, ...) numpy array per
+    column. For tables below ``scale.cache_mb``, which the workers then hold (each
+    epoch a permutation in the worker instead of a Ray Data execution)."""
+    import numpy as np
+
+    parts: dict[str, list] = {}
+    for batch in shard.iter_batches(batch_size=16_384, batch_format="numpy"):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
 def cached_if_small(ds: "ray.data.Dataset", estimate_mb: float, scale: ScaleConfig) -> "ray.data.Dataset":
     """``ds`` executed once into the object store when ``estimate_mb`` <= ``scale.cache_mb``
     (each epoch then reads blocks, not files), else ``ds`` itself (streamed per epoch)."""

@@ -154,7 +154,7 @@ def _worker(cfg: dict) -> None:
     import torch.distributed as dist
 
     from forge_ray.core.gr.data import IGNORE, collate_causal, collate_seq2seq, collate_sequences
-    from forge_ray.distributed.train_common import RunReporter, autocast, init_deepspeed, native_bf16
+    from forge_ray.distributed.train_common import RunReporter, autocast, init_deepspeed, native_bf16, read_shard
 
     logs.setup_worker(cfg["log_levels"])
     if cfg["torch_threads"]:
@@ -188,7 +188,7 @@ def _worker(cfg: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     # a cached training set: read this rank's shard once; epochs then permute it in place
     # of a Ray Data execution each (whose coordinator took CPU from the workers)
-    held = _read_shard(shard) if cfg["held_in_workers"] else None
+    held = read_shard(shard) if cfg["held_in_workers"] else None
     higher = t["early_stop_metric"] != "valid_loss"
     # Rates are over the window since the last log line, so start-up, checkpoints and
     # validation passes do not blur the steady state; ``data_wait`` is the share of the
@@ -284,15 +284,6 @@ class _Wait:
             if item is end:
                 return
             yield item
-
-
-def _read_shard(shard) -> dict[str, np.ndarray]:
-    """All of a dataset shard in this process: one (rows,) numpy array per column."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in shard.iter_batches(batch_size=16_384, batch_format="numpy"):
-        for key, value in batch.items():
-            parts.setdefault(key, []).append(value)
-    return {key: np.concatenate(values) for key, values in parts.items()}
 
 
 def _micro_batches(shard, held: dict[str, np.ndarray] | None, t: dict,
