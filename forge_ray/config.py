@@ -200,8 +200,9 @@ class ScaleConfig:
     ``cache_mb``: a training dataset estimated below this many MiB is built once and
     kept in the object store (spilled to disk if that fills), and each train-sid /
     train-gr worker reads its shard of it once and permutes it every epoch (at most
-    ``cache_mb`` / workers MiB per worker); a larger one streams from Parquet every epoch. Re-running the read and transform costs seconds per
-    epoch, which dominates small runs of many short epochs. 0 = always stream. The
+    ``cache_mb`` / workers MiB per worker); a larger one streams from Parquet every
+    epoch. Re-running the read and transform costs seconds per epoch, which dominates
+    small runs of many short epochs. 0 = always stream. The
     default (1 GiB) holds an Amazon-review dataset's co-occurrence pairs (Beauty's
     131k pairs are 2 x 384 floats each, 385 MiB): streamed, each pair epoch re-read
     them on the cores the workers train on (docs/benchmarks.md, Quantizer training).

@@ -54,13 +54,13 @@ def shard_batches(shard, name: str, batch_size: int, shuffle_rows: int, seed: in
     it; otherwise it streams every epoch through a ``shuffle_rows``-row shuffle buffer.
     """
     rows = {k: torch.from_numpy(v) for k, v in read_shard(shard).items()} if held else None
+    n = len(next(iter(rows.values()))) if rows else 0  # rows of a held shard
     for epoch in itertools.count():
         if rows is None:
             epoch_batches = shard.iter_torch_batches(
                 batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=shuffle_rows or None,
                 local_shuffle_seed=seed + epoch if shuffle_rows else None)
         else:
-            n = len(next(iter(rows.values()))) if rows else 0
             order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
                      if shuffle_rows else torch.arange(n))
             epoch_batches = ({k: v[order[s: s + batch_size]] for k, v in rows.items()}  # gathers copy

@@ -70,8 +70,8 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
 
 # Cost-matrix entries computed at a time by nearest_codes / ranked_codes (16 MiB of
 # float32): a (rows, K) block stays in cache instead of a fresh (B, K) buffer being
-# written, faulted in and re-read per pass; 3x faster for FORGE's K = 8192 at 64-d
-# (bench/bench_code_search.py).
+# written, faulted in and re-read per pass; 1.9-2.3x faster for FORGE's K = 8192 at
+# 64-d (bench/bench_code_search.py).
 COST_BLOCK = 1 << 22
 
 
