@@ -489,12 +489,18 @@ def read_shard(shard) -> dict[str, "np.ndarray"]:
     return {key: np.concatenate(values) for key, values in parts.items()}
 
 
+def fits_cache(estimate_mb: float, scale: ScaleConfig) -> bool:
+    """Whether a training table of about ``estimate_mb`` MiB is cached and then held by
+    the workers (``scale.cache_mb``), rather than streamed from Parquet every epoch."""
+    return estimate_mb <= scale.cache_mb
+
+
 def cached_if_small(ds: "ray.data.Dataset", estimate_mb: float, scale: ScaleConfig) -> "ray.data.Dataset":
-    """``ds`` executed once into the object store when ``estimate_mb`` <= ``scale.cache_mb``
-    (each epoch then reads blocks, not files), else ``ds`` itself (streamed per epoch)."""
+    """``ds`` executed once into the object store when it :func:`fits_cache` (each epoch
+    then reads blocks, not files), else ``ds`` itself (streamed per epoch)."""
     from forge_ray.distributed.remote_errors import surface_user_errors
 
-    if estimate_mb > scale.cache_mb:
+    if not fits_cache(estimate_mb, scale):
         return ds
     with surface_user_errors():  # a bad row found while building reads as one line
         return ds.materialize()

@@ -459,7 +459,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
 
     from forge_ray.distributed.remote_errors import surface_user_errors
     from forge_ray.distributed.train_common import (cached_if_small, deepspeed_config, fingerprint, fit,
-                                                    injected_faults)
+                                                    fits_cache, injected_faults)
     from forge_ray.io import atomic_dir, check_output, read_manifest, write_manifest
 
     cfg = cfg or TrainGRConfig()
@@ -480,6 +480,7 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
                                f"({per_step}); lower train.micro_batch or scale.num_workers")
     # int64 history tokens (+ eos) and labels per example, an upper bound of its size
     example_mb = counts.examples * ((cfg.data.max_history + 1) * vocab.n_levels + 3) * 8 / 2**20
+    held = fits_cache(example_mb, scale)
     train_ds = cached_if_small(train_ds, example_mb, scale)  # and then held by the workers
     total = (counts.examples // per_step) * t.epochs
     total = min(total, t.max_steps) if t.max_steps else total
@@ -502,10 +503,10 @@ def train_gr(data: str | os.PathLike, sids: str | os.PathLike | None, out: str |
             "run_dir": os.fspath((storage / cfg.run.name / "logs").resolve()),
             "fingerprint": fingerprint(shape), "valid_ref": ray.put(valid), "trie_ref": ray.put(trie),
             "log_levels": logs.worker_levels(), "torch_threads": scale.torch_threads,
-            "autocast": scale.autocast, "held_in_workers": example_mb <= scale.cache_mb}
+            "autocast": scale.autocast, "held_in_workers": held}
     log.info(f"[train-gr] {counts.examples:,} training {cfg.data.train_examples} "
              f"({counts.targets or counts.examples:,} targets; {len(valid['input_ids']):,} validation windows) "
-             f"({'cached' if example_mb <= scale.cache_mb else 'streamed'}, <= {example_mb:,.1f} MiB), "
+             f"({'cached' if held else 'streamed'}, <= {example_mb:,.1f} MiB), "
              f"{total} optimizer steps of {per_step}, "
              f"{count_parameters(cfg.model, vocab):,} parameters, {world} workers")
     result = fit(_worker, loop, scale, storage, cfg.run.name,

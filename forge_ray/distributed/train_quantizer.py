@@ -184,7 +184,7 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
     from forge_ray.distributed import sid_outputs
     from forge_ray.distributed.rqvae_worker import FINAL_DIR, rqvae_worker
     from forge_ray.distributed.train_common import (TrainingError, cached_if_small, deepspeed_config,
-                                                    fingerprint, fit, injected_faults)
+                                                    fingerprint, fit, fits_cache, injected_faults)
 
     run_dir = storage / name
     fp = fingerprint({"quantizer": "rqvae", "rqvae": to_dict(cfg.rqvae),
@@ -214,7 +214,7 @@ def _train_rqvae(dataset, manifest: dict, cfg: TrainSidConfig, storage: Path, na
     estimate_mb = {"train": items * embedding_mb, "pairs": 2 * n_pairs * embedding_mb}
     datasets = {k: cached_if_small(ds, estimate_mb[k], cfg.scale) for k, ds in datasets.items()}
     # a cached dataset is small enough for each worker to hold its shard (rqvae_worker)
-    held = {k: v <= cfg.scale.cache_mb for k, v in estimate_mb.items()}
+    held = {k: fits_cache(v, cfg.scale) for k, v in estimate_mb.items()}
     loop = {
         # the worker's bar goes to the driver's stderr: drawn only where that is a terminal
         "rqvae": to_dict(cfg.rqvae), "train": {**to_dict(train), "progress": train.progress and logs.bars()},
