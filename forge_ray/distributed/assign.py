@@ -1,35 +1,34 @@
 """``forge-ray assign``: give every item of a dataset exactly one SID, on Ray, in one
 streaming pass that never reads back what it wrote.
 
-1. **Encode.** ``items`` stream through a pool of :class:`Encoder` actors
-   (``map_batches`` with ``ActorPoolStrategy``); each actor loads the quantizer once
-   (onto its GPU when the pool reserves one and the actor sees CUDA) and turns a batch
-   of (B, D) embeddings into (B, L) codes, plus the ranked last-level candidates
-   (B, k) when the collision strategy needs them, and the group key (the first L-1
-   codes, or all L for ``suffix``, packed into an int64).
-2. **Resolve and write** (:func:`write_block`, Ray tasks). Strategy ``none``: batches
-   of ``DEFAULT_ROWS_PER_SHARD`` rows. Other strategies: rows are hash-partitioned by
-   group key (``repartition(keys=...)``: one block per partition, holding whole
-   groups) and each block's groups are resolved by the core
-   :func:`~forge_ray.core.sid.collisions.resolve_groups` (deterministic for a seed
-   whatever the partitioning; it checks each resolved group against the strategy's
-   guarantee). Each task writes one Parquet part, ``item_id`` int64, ``codes``
-   list<int64> (raw quantizer codes), ``sid`` list<int64> (final codes, L+1 levels
-   for ``suffix``), ``fallback`` bool, and with ``export`` the part's two CSVs
-   (``export/sid_table``: FORGE's ``item_id,c1,c2,c3``; ``export/sid_tokens``:
-   ``item_id,sid`` with ``C{c+offset}`` tokens; headers in every part) from the same
-   arrays. It returns a one-row summary: rows, an order-independent checksum of its
-   item ids (:func:`id_checksum`), moved / fallback counts and the SID histograms of
-   its groups (for ``none``: its packed SIDs, counted by one key-only groupby).
-3. **Check** on the driver: rows and checksums of what the writers wrote equal those
+1. **Read and encode.** The driver splits the input's Parquet row groups (from the
+   footers) into *units* of about ``max(pool.batch_size, DEFAULT_ROWS_PER_SHARD)`` rows,
+   never across files. The units stream through a pool of :class:`Encoder` actors
+   (``map_batches`` with ``ActorPoolStrategy``, one unit per call): each actor loads
+   the quantizer once (onto its GPU when the pool reserves one and the actor sees
+   CUDA), reads its unit's ``item_id`` and ``embedding`` with pyarrow and turns the
+   (B, D) embeddings, ``pool.batch_size`` rows per quantizer call, into (B, L) codes,
+   plus the ranked last-level candidates (B, k) when the collision strategy needs
+   them, and the group key (the first L-1 codes, or all L for ``suffix``, packed into
+   an int64). Reading in the actor moves no embedding through the object store; on
+   this project's 2-core box Ray Data's own Parquet read spent 45-75 ms per file
+   listing the input and its re-blocking into batch-sized blocks 10 us per row, which
+   left the encoders idle two thirds of the time (docs/benchmarks.md).
+2. **Resolve and write** (:func:`write_block`). Strategy ``none`` has no groups: each
+   encoder actor writes its unit as one part itself (no writer tasks, whose worker
+   processes took longer to start on a small machine than the writing takes). Other
+   strategies (Ray tasks): rows are hash-partitioned by group key3. **Check** on the driver: rows and checksums of what the writers wrote equal those
    of the input ids (a driver thread reads only the input's ``item_id`` column while
    the pipeline runs), so every input item has exactly one SID; otherwise InputError and
    no output. Parts land in staging names and are renamed ``part-<i>`` in first-item
    order only after the check, so a retried task's orphan file is never part of the
    table.
 
-Memory: an encoder actor holds the quantizer plus one batch (B x max(K) costs); a
-writer holds one block (a partition: about ``dataset.ROWS_PER_PARTITION`` rows x (L + k)
+Memory: an encoder actor holds the quantizer, one unit (at most
+``max(B, DEFAULT_ROWS_PER_SHARD)`` rows, or one row group if that is larger: the
+dataset's shards are written in row groups of at most ``DEFAULT_ROWS_PER_SHARD``) and
+one quantizer call's intermediates (B x max(K) costs, in row blocks); a writer holds
+one block (a partition: about ``dataset.ROWS_PER_PARTITION`` rows x (L + k)
 codes); the driver holds one summary row per part. The output is written into a
 temporary sibling and renamed at the end (:func:`~forge_ray.io.atomic_dir`).
 """
@@ -57,7 +56,7 @@ from forge_ray.core.sid.collisions import CollisionConfig, group_levels, resolve
 from forge_ray.core.sid.export import SidTableWriter, SidTokenWriter
 from forge_ray.core.sid.metrics import histogram_quality
 from forge_ray.data.schema import DEFAULT_ROWS_PER_SHARD, embeddings_to_numpy
-from forge_ray.distributed.dataset import dataset_manifest, parquet_rows, partitions_for, read_items
+from forge_ray.distributed.dataset import dataset_manifest, partitions_for
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.distributed.sid_counts import items_per_key
 from forge_ray.errors import ConfigError, InputError
@@ -74,7 +73,9 @@ class ActorPoolConfig:
     actors: pool size.  cpus_per_actor: logical CPUs each actor reserves (fractional
     values let several actors share a core; torch uses max(1, floor(cpus)) threads).
     gpus_per_actor: GPUs reserved per actor; an actor that has one (and sees CUDA)
-    computes on it.  batch_size: rows per batch (raise it to fill a GPU).
+    computes on it.  batch_size: rows per batch (raise it to fill a GPU; ``assign``
+    hands its actors units of at least ``DEFAULT_ROWS_PER_SHARD`` rows and encodes
+    them ``batch_size`` rows per quantizer call).
     """
 
     actors: int = 2
@@ -169,29 +170,47 @@ class QuantizerActor:
 
 
 class Encoder(QuantizerActor):
-    """Batch of items -> ``item_id, codes`` (+ ``group_key``, + ``candidates``)."""
+    """Units of the input (``path``, ``row_groups``; see :func:`read_units`) -> the
+    encoded rows ``item_id, codes`` (+ ``group_key``, + ``candidates``), or with
+    ``write`` (strategy ``none``, which needs no groups) each unit written as one part
+    here -> its one-row :data:`SUMMARY`. The quantizer sees ``rows`` rows per call."""
 
     def __init__(self, model_dir: str, cpus: float, candidates: int, key_levels: int | None,
-                 gpus: float = 0.0):
+                 gpus: float = 0.0, rows: int = 4096, write: PartSpec | None = None):
         # Not zero-argument super(): a test may ship a subclass by value, and this class
         # with it, whose __class__ cell would then not match the instance's base.
         QuantizerActor.__init__(self, model_dir, cpus, gpus)
         self.k = candidates
         self.key_levels = key_levels
+        self.rows = rows
+        self.write = write
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        x = embeddings_to_numpy(batch["embedding"])
-        if self.k:
-            codes, cand = self.quantizer.rank_last_level(x, self.k)
-        else:
-            codes, cand = self.quantizer.encode(x), None
-        cols = {"item_id": batch["item_id"], "codes": codes_array(codes)}
+    def __call__(self, units: pa.Table) -> pa.Table:
+        return pa.concat_tables([self.process(read_unit(path, groups)) for path, groups in
+                                 zip(units["path"].to_pylist(), units["row_groups"].to_pylist())])
+
+    def process(self, items: pa.Table) -> pa.Table:
+        """``item_id`` + ``embedding`` rows -> encoded rows, or the summary of their part."""
+        x = embeddings_to_numpy(items["embedding"])
+        # pool.batch_size rows per quantizer call: what fills its device, and bounds its memory
+        out = [self._encode(x[i:i + self.rows]) for i in range(0, max(len(x), 1), self.rows)]
+        codes = np.concatenate([c for c, _ in out])
+        cand = np.concatenate([c for _, c in out]) if self.k else None
+        cols = {"item_id": items["item_id"], "codes": codes_array(codes)}
+        if self.write is not None:
+            return write_block(pa.table(cols), self.write)
         if self.key_levels is not None:  # None: strategy none, no groups
             cols["group_key"] = (pack_codes(codes[:, :self.key_levels], self.sizes[:self.key_levels])
                                  if self.key_levels else np.zeros(len(codes), dtype=np.int64))
         if cand is not None:
             cols["candidates"] = _small_ints(cand, self.k, self.sizes[-1])
         return pa.table(cols)
+
+    def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, D) -> codes (B, L) and, when candidates are ranked, (B, k) last-level ones."""
+        if self.k:
+            return self.quantizer.rank_last_level(x, self.k)
+        return self.quantizer.encode(x), None
 
 
 # ----------------------------------------------------------------------------- writers
@@ -269,6 +288,41 @@ def _one_list(values: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array([0, values.size], pa.int32()), pa.array(values))
 
 
+def read_units(files: list[str], rows: int) -> list[dict]:
+    """The row groups of ``files``, from their footers only, grouped per file into units
+    of at least ``rows`` rows (a file's last unit may be smaller): ``path``,
+    ``row_groups`` (indices) and ``rows`` each. InputError for a file that is not Parquet."""
+    units = []
+    for path in files:
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(path, f"not a readable Parquet file ({e})") from None
+        groups, n = [], 0
+        for i in range(meta.num_row_groups):
+            groups.append(i)
+            n += meta.row_group(i).num_rows
+            if n >= rows:
+                units.append({"path": path, "row_groups": groups, "rows": n})
+                groups, n = [], 0
+        if groups:
+            units.append({"path": path, "row_groups": groups, "rows": n})
+    return units
+
+
+def read_unit(path: str, row_groups: list[int]) -> pa.Table:
+    """One unit's ``item_id`` and ``embedding`` columns (InputError naming the file when
+    it cannot be read or lacks them)."""
+    try:
+        table = pq.ParquetFile(path).read_row_groups(row_groups, columns=["item_id", "embedding"])
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(path, f"cannot read item_id and embedding ({e})") from None
+    missing = {"item_id", "embedding"} - set(table.column_names)  # pyarrow skips absent columns
+    if missing:
+        raise InputError(path, f"cannot read item_id and embedding (no {', '.join(sorted(missing))} column)")
+    return table
+
+
 def _input_checksum(files: list[str]) -> tuple[int, int, int]:
     """:func:`id_checksum` of the input Parquet files, reading their ``item_id`` column
     only, one file at a time (memory: one file's ids). Runs in a driver thread beside
@@ -308,11 +362,14 @@ def assign(model_dir: str | os.PathLike, dataset: str | os.PathLike, out: str | 
     if coll.needs_candidates and coll.candidates > sizes[-1]:
         coll = dataclasses.replace(coll, candidates=sizes[-1])  # cannot rank more than K codes
 
-    input_files = sorted(str(p) for p in (Path(dataset) / "items").glob("*.parquet"))
-    parts = partitions_for(parquet_rows(Path(dataset) / "items"), cfg.partitions)
     pool = cfg.pool
+    input_files = sorted(str(p) for p in (Path(dataset) / "items").glob("*.parquet"))
+    units = read_units(input_files, max(pool.batch_size, DEFAULT_ROWS_PER_SHARD))
+    if not units:
+        raise InputError(dataset, "dataset has no items")
+    parts = partitions_for(sum(u["rows"] for u in units), cfg.partitions)
     encoder_args = {"model_dir": os.fspath(model_dir), "cpus": pool.cpus_per_actor,
-                    "gpus": pool.gpus_per_actor,
+                    "gpus": pool.gpus_per_actor, "rows": pool.batch_size,
                     "candidates": coll.candidates if coll.needs_candidates else 0,
                     "key_levels": None if coll.strategy == "none" else group_levels(coll.strategy,
                                                                                     len(sizes))}
@@ -324,7 +381,7 @@ def assign(model_dir: str | os.PathLike, dataset: str | os.PathLike, out: str | 
         with ThreadPoolExecutor(1) as reader:
             want = reader.submit(_input_checksum, input_files)  # runs beside the pipeline
             with surface_user_errors():
-                summaries, sid_hist = _run_pipeline(dataset, pool, encoder_args, spec, parts)
+                summaries, sid_hist = _run_pipeline(units, pool, encoder_args, spec, parts)
         stats = _check(out, summaries, want.result(), sizes, sid_hist)
         _place_parts(tmp, summaries, cfg.export)
         shutil.rmtree(staging)
@@ -338,26 +395,29 @@ def assign(model_dir: str | os.PathLike, dataset: str | os.PathLike, out: str | 
             exports={**EXPORTS, "rows": stats["items"]} if cfg.export else None)
 
 
-def _run_pipeline(dataset, pool: ActorPoolConfig, encoder_args: dict, spec: PartSpec,
+def _run_pipeline(units: list[dict], pool: ActorPoolConfig, encoder_args: dict, spec: PartSpec,
                   parts: int) -> tuple[list[dict], np.ndarray | None]:
-    """Encode, resolve and write in one streaming Ray Data job -> (one summary dict per
-    written part, items-per-SID histogram for strategy ``none`` else None). Call it
-    inside :func:`surface_user_errors`: a dataset keeps the Ray Data context it was
-    built in."""
+    """Read, encode, resolve and write ``units`` (:func:`read_units`) in one streaming
+    Ray Data job -> (one summary dict per written part, items-per-SID histogram for
+    strategy ``none`` else None). Call it inside :func:`surface_user_errors`: a
+    dataset keeps the Ray Data context it was built in."""
     none = spec.collisions.strategy == "none"
-    write_args = {"fn_kwargs": {"spec": spec}, "batch_format": "pyarrow", "num_cpus": WRITER_CPUS}
-    # Streaming re-blocking to batch-sized blocks: a shard is one block, and a dataset
-    # of a few shards would otherwise feed only that many of the pool's actors.
-    encoded = read_items(dataset, columns=["item_id", "embedding"]).repartition(
-        target_num_rows_per_block=pool.batch_size).map_batches(
-        Encoder, fn_constructor_kwargs=encoder_args, **pool.map_args())
-    if none:  # no groups: whole shards straight from the encoders
-        written = encoded.map_batches(write_block, batch_size=DEFAULT_ROWS_PER_SHARD, **write_args)
+    # one block per unit and one unit per call: the pool's actors share the units evenly
+    todo = ray.data.from_items([{"path": u["path"], "row_groups": u["row_groups"]} for u in units],
+                               override_num_blocks=len(units))
+    map_args = {**pool.map_args(), "batch_size": 1}
+    if none:  # no groups: each actor writes its units as parts itself
+        written = todo.map_batches(Encoder, fn_constructor_kwargs={**encoder_args, "write": spec}, **map_args)
     else:  # one block per partition, whole groups in each
+        encoded = todo.map_batches(Encoder, fn_constructor_kwargs=encoder_args, **map_args)
         written = encoded.repartition(parts, keys=["group_key"]).map_batches(
-            write_block, batch_size=None, **write_args)
+            write_block, batch_size=None, fn_kwargs={"spec": spec}, batch_format="pyarrow",
+            num_cpus=WRITER_CPUS)
     written = written.materialize()  # the summaries (and, for none, the packed SIDs)
-    summaries = written.drop_columns(["sid_keys"]).take_all()
+    # One block at a time into the driver, not a Ray Data pass that drops the keys: its
+    # per-task overhead (5.6 s for 400 parts here) is more than fetching them.
+    summaries = [row for ref in written.to_arrow_refs()
+                 for row in ray.get(ref).drop_columns(["sid_keys"]).to_pylist()]
     return summaries, items_per_key(written, "sid_keys", parts) if none else None
 
 

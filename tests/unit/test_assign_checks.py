@@ -123,3 +123,33 @@ def test_token_export_strings_match_sid_strings(tmp_path):
     ids, back = read_sid_tokens(tmp_path / "t.csv", sizes)
     np.testing.assert_array_equal(back, codes)
     np.testing.assert_array_equal(ids, np.arange(500))
+
+
+def test_read_units_groups_row_groups_per_file_and_names_bad_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from forge_ray.data.schema import embedding_array, items_schema
+    from forge_ray.distributed.assign import read_unit, read_units
+    from forge_ray.errors import InputError
+
+    x = np.arange(70 * 4, dtype=np.float32).reshape(70, 4)
+    table = pa.table({"item_id": np.arange(70, dtype=np.int64), "embedding": embedding_array(x)},
+                     schema=items_schema(4))
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(table, a, row_group_size=10)  # 7 row groups
+    pq.write_table(table.slice(0, 5), b)
+    units = read_units([str(a), str(b)], rows=25)
+    assert [(u["row_groups"], u["rows"]) for u in units] == [([0, 1, 2], 30), ([3, 4, 5], 30), ([6], 10),
+                                                             ([0], 5)]
+    got = pa.concat_tables([read_unit(u["path"], u["row_groups"]) for u in units[:3]])
+    assert got.equals(table.select(["item_id", "embedding"]))  # every row once, in order
+
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="bad.parquet.*not a readable Parquet file"):
+        read_units([str(a), str(bad)], rows=25)
+    no_emb = tmp_path / "ids_only.parquet"
+    pq.write_table(table.select(["item_id"]), no_emb)
+    with pytest.raises(InputError, match="ids_only.parquet.*cannot read item_id and embedding"):
+        read_unit(str(no_emb), [0])
