@@ -7,6 +7,10 @@
 * a large float32 matmul (torch) as the machine's measured peak, and the fraction of
   it that the nearest-code search reaches (2 * N * K * d FLOPs per level).
 
+The synthetic items are generated, encoded by both in-process baselines (their time is
+summed over chunks) and written CHUNK rows at a time, so this process holds one chunk at
+any N and the encoder actors' memory is the only thing that grows with a memory series.
+
 Usage: ``python bench/bench_assign.py --items 100000 --dim 64 --sizes 256 256 256``;
 ``--strategies none`` runs one strategy only, ``--partitions 0`` lets ``assign`` size its
 shuffle (one partition per 1M items) as a user's run does, for a memory series over N.
@@ -15,6 +19,7 @@ shuffle (one partition per 1M items) as a user's run does, for a memory series o
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +37,38 @@ from peak import matmul_gflops  # bench/peak.py and bench/rss.py: a script's own
 from rss import PeakRss
 
 
-def timed(fn, repeat=1):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+CHUNK = 250_000  # synthetic rows generated, encoded in-process and written at a time
+
+
+def chunks(n: int, d: int):
+    """The synthetic items, CHUNK rows at a time: (first id, (rows, d) float32), the
+    same for every run (so a 10M-item run never holds more than one chunk here)."""
+    for i, start in enumerate(range(0, n, CHUNK)):
+        yield start, np.random.default_rng([0, i]).normal(size=(min(CHUNK, n - start), d)).astype(np.float32)
+
+
+def faiss_rq(q: RQKMeans, d: int) -> faiss.ResidualQuantizer:
+    """faiss's residual quantizer on the codebooks of ``q``, greedy (beam 1) like ours."""
+    sizes = q.sizes
+    assert len(set(sizes)) == 1 and sizes[0] & (sizes[0] - 1) == 0, "faiss RQ: equal power-of-2 sizes"
+    rq = faiss.ResidualQuantizer(d, len(sizes), int(np.log2(sizes[0])))
+    faiss.copy_array_to_vector(np.concatenate(q.codebooks).ravel(), rq.codebooks)
+    rq.is_trained = True
+    rq.max_beam_size = 1  # greedy level by level = our encode
+    return rq
+
+
+def unpack_faiss(packed: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """faiss's packed code bytes (n, bytes) -> (n, L) int64 codes."""
+    packed_int = np.zeros(len(packed), dtype=np.uint64)
+    for i in range(packed.shape[1]):
+        packed_int |= packed[:, i].astype(np.uint64) << np.uint64(8 * i)
+    codes, shift = np.zeros((len(packed), len(sizes)), dtype=np.int64), 0
+    for lvl, k in enumerate(sizes):
+        b = int(np.log2(k))
+        codes[:, lvl] = ((packed_int >> np.uint64(shift)) & np.uint64((1 << b) - 1)).astype(np.int64)
+        shift += b
+    return codes
 
 
 def main():
@@ -53,28 +83,26 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.items, args.dim)).astype(np.float32)
-    q = RQKMeans(sizes=args.sizes, niter=2, seed=0).fit(x[:20_000])
     n, d, sizes = args.items, args.dim, args.sizes
-
-    t_core, codes = timed(lambda: q.encode(x))
-    assert len(set(sizes)) == 1 and sizes[0] & (sizes[0] - 1) == 0, "faiss RQ: equal power-of-2 sizes"
-    rq = faiss.ResidualQuantizer(d, len(sizes), int(np.log2(sizes[0])))
-    faiss.copy_array_to_vector(np.concatenate(q.codebooks).ravel(), rq.codebooks)
-    rq.is_trained = True
-    rq.max_beam_size = 1  # greedy level by level = our encode
-    t_faiss, packed = timed(lambda: rq.compute_codes(x))
-    bits = [int(np.log2(k)) for k in sizes]
-    fcodes = np.zeros((n, len(sizes)), dtype=np.int64)
-    packed_int = np.zeros(n, dtype=np.uint64)
-    for i in range(packed.shape[1]):
-        packed_int |= packed[:, i].astype(np.uint64) << np.uint64(8 * i)
-    shift = 0
-    for lvl, b in enumerate(bits):
-        fcodes[:, lvl] = ((packed_int >> np.uint64(shift)) & np.uint64((1 << b) - 1)).astype(np.int64)
-        shift += b
-    agree = float((fcodes == codes).all(axis=1).mean())
+    q = RQKMeans(sizes=sizes, niter=2, seed=0).fit(next(chunks(n, d))[1][:20_000])
+    rq = faiss_rq(q, d)
+    t_core = t_faiss = agree = 0.0
+    tmp_dir = tempfile.TemporaryDirectory()
+    tmp = Path(tmp_dir.name)
+    with ShardWriter(tmp / "data/items", items_schema(d), rows_per_shard=25_000) as w:
+        for start, x in chunks(n, d):  # the in-process baselines, timed a chunk at a time
+            t = time.perf_counter()
+            codes = q.encode(x)
+            t_core += time.perf_counter() - t
+            t = time.perf_counter()
+            packed = rq.compute_codes(x)
+            t_faiss += time.perf_counter() - t
+            agree += float((unpack_faiss(packed, sizes) == codes).all(axis=1).sum())
+            w.write(pa.table({"item_id": np.arange(start, start + len(x), dtype=np.int64),
+                              "embedding": embedding_array(x)}))
+    write_manifest(tmp / "data", "dataset", counts={"items": n}, embedding_dim=d, embedding_dtype="float32")
+    q.save(tmp / "model")
+    agree /= n
     flops = 2.0 * n * d * sum(sizes)
     peak = matmul_gflops()
 
@@ -85,22 +113,17 @@ def main():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_times, ray_rss = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        with ShardWriter(tmp / "data/items", items_schema(d), rows_per_shard=25_000) as w:
-            w.write(pa.table({"item_id": np.arange(n, dtype=np.int64), "embedding": embedding_array(x)}))
-        write_manifest(tmp / "data", "dataset", counts={"items": n}, embedding_dim=d,
-                       embedding_dtype="float32")
-        q.save(tmp / "model")
-        for strategy in args.strategies:
-            cfg = load_config(AssignConfig, None, [f"collisions.strategy={strategy}", "pool.actors=2",
-                                                   "pool.batch_size=8192",
-                                                   f"partitions={args.partitions}"])
-            with PeakRss(period=0.2) as rss:
-                ray_times[strategy], _ = timed(lambda: assign(tmp / "model", tmp / "data",
-                                                              tmp / f"sids_{strategy}", cfg))
-            ray_rss[strategy] = rss.matching("Encoder"), rss.matching("Encoder", private=True)
+    for strategy in args.strategies:
+        cfg = load_config(AssignConfig, None, [f"collisions.strategy={strategy}", "pool.actors=2",
+                                               "pool.batch_size=8192", f"partitions={args.partitions}"])
+        with PeakRss(period=0.2) as rss:
+            t = time.perf_counter()
+            assign(tmp / "model", tmp / "data", tmp / f"sids_{strategy}", cfg)
+            ray_times[strategy] = time.perf_counter() - t
+        ray_rss[strategy] = rss.matching("Encoder"), rss.matching("Encoder", private=True)
+        shutil.rmtree(tmp / f"sids_{strategy}")  # disk: at 10M items a table and its exports are GBs
     ray.shutdown()
+    tmp_dir.cleanup()
 
     print(f"items={n} dim={d} sizes={sizes} threads={args.threads} partitions={args.partitions}")
     print(f"core encode (1 process)       : {n / t_core:12,.0f} items/s")
