@@ -2,8 +2,8 @@
 streaming pass that never reads back what it wrote.
 
 1. **Read and encode.** The driver splits the input's Parquet row groups (from the
-   footers) into *units* of about ``max(pool.batch_size, DEFAULT_ROWS_PER_SHARD)`` rows,
-   never across files. The units stream through a pool of :class:`Encoder` actors
+   footers) into *units* of at least ``max(pool.batch_size, DEFAULT_ROWS_PER_SHARD)``
+   rows (a file's last unit may be smaller), never across files. The units stream through a pool of :class:`Encoder` actors
    (``map_batches`` with ``ActorPoolStrategy``, one unit per call): each actor loads
    the quantizer once (onto its GPU when the pool reserves one and the actor sees
    CUDA), reads its unit's ``item_id`` and ``embedding`` with pyarrow and turns the
@@ -17,16 +17,30 @@ streaming pass that never reads back what it wrote.
 2. **Resolve and write** (:func:`write_block`). Strategy ``none`` has no groups: each
    encoder actor writes its unit as one part itself (no writer tasks, whose worker
    processes took longer to start on a small machine than the writing takes). Other
-   strategies (Ray tasks): rows are hash-partitioned by group key3. **Check** on the driver: rows and checksums of what the writers wrote equal those
+   strategies (Ray tasks): rows are hash-partitioned by group key
+   (``repartition(keys=...)``: one block per partition, holding whole groups) and each
+   block's groups are resolved by the core
+   :func:`~forge_ray.core.sid.collisions.resolve_groups` (deterministic for a seed
+   whatever the partitioning; it checks each resolved group against the strategy's
+   guarantee). Each part is one Parquet file, ``item_id`` int64, ``codes``
+   list<int64> (raw quantizer codes), ``sid`` list<int64> (final codes, L+1 levels
+   for ``suffix``), ``fallback`` bool, and with ``export`` the part's two CSVs
+   (``export/sid_table``: FORGE's ``item_id,c1,c2,c3``; ``export/sid_tokens``:
+   ``item_id,sid`` with ``C{c+offset}`` tokens; headers in every part) from the same
+   arrays. Its writer returns a one-row summary: rows, an order-independent checksum
+   of its item ids (:func:`id_checksum`), moved / fallback counts and the SID
+   histograms of its groups (for ``none``: its packed SIDs, counted by one key-only
+   groupby).
+3. **Check** on the driver: rows and checksums of what the writers wrote equal those
    of the input ids (a driver thread reads only the input's ``item_id`` column while
    the pipeline runs), so every input item has exactly one SID; otherwise InputError and
    no output. Parts land in staging names and are renamed ``part-<i>`` in first-item
    order only after the check, so a retried task's orphan file is never part of the
    table.
 
-Memory: an encoder actor holds the quantizer, one unit (at most
-``max(B, DEFAULT_ROWS_PER_SHARD)`` rows, or one row group if that is larger: the
-dataset's shards are written in row groups of at most ``DEFAULT_ROWS_PER_SHARD``) and
+Memory: an encoder actor holds the quantizer, one unit (fewer than
+``max(B, DEFAULT_ROWS_PER_SHARD)`` rows plus one row group's: the dataset's shards are
+written in row groups of at most ``DEFAULT_ROWS_PER_SHARD`` rows) and
 one quantizer call's intermediates (B x max(K) costs, in row blocks); a writer holds
 one block (a partition: about ``dataset.ROWS_PER_PARTITION`` rows x (L + k)
 codes); the driver holds one summary row per part. The output is written into a
@@ -49,7 +63,7 @@ import ray
 import ray.data
 
 from forge_ray.config import require, to_dict
-from forge_ray.core.quantize.base import Quantizer
+from forge_ray.core.quantize.base import Quantizer, batched
 from forge_ray.core.quantize.registry import load_quantizer, quantizer_dim
 from forge_ray.core.sid.codes import pack_codes
 from forge_ray.core.sid.collisions import CollisionConfig, group_levels, resolve_groups
@@ -176,7 +190,8 @@ class Encoder(QuantizerActor):
     here -> its one-row :data:`SUMMARY`. The quantizer sees ``rows`` rows per call."""
 
     def __init__(self, model_dir: str, cpus: float, candidates: int, key_levels: int | None,
-                 gpus: float = 0.0, rows: int = 4096, write: PartSpec | None = None):
+                 gpus: float = 0.0, rows: int = ActorPoolConfig.batch_size,
+                 write: PartSpec | None = None):
         # Not zero-argument super(): a test may ship a subclass by value, and this class
         # with it, whose __class__ cell would then not match the instance's base.
         QuantizerActor.__init__(self, model_dir, cpus, gpus)
@@ -193,9 +208,10 @@ class Encoder(QuantizerActor):
         """``item_id`` + ``embedding`` rows -> encoded rows, or the summary of their part."""
         x = embeddings_to_numpy(items["embedding"])
         # pool.batch_size rows per quantizer call: what fills its device, and bounds its memory
-        out = [self._encode(x[i:i + self.rows]) for i in range(0, max(len(x), 1), self.rows)]
-        codes = np.concatenate([c for c, _ in out])
-        cand = np.concatenate([c for _, c in out]) if self.k else None
+        if self.k:
+            codes, cand = batched(lambda xb: self.quantizer.rank_last_level(xb, self.k), x, self.rows)
+        else:
+            codes, cand = batched(self.quantizer.encode, x, self.rows), None
         cols = {"item_id": items["item_id"], "codes": codes_array(codes)}
         if self.write is not None:
             return write_block(pa.table(cols), self.write)
@@ -205,12 +221,6 @@ class Encoder(QuantizerActor):
         if cand is not None:
             cols["candidates"] = _small_ints(cand, self.k, self.sizes[-1])
         return pa.table(cols)
-
-    def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(B, D) -> codes (B, L) and, when candidates are ranked, (B, k) last-level ones."""
-        if self.k:
-            return self.quantizer.rank_last_level(x, self.k)
-        return self.quantizer.encode(x), None
 
 
 # ----------------------------------------------------------------------------- writers
