@@ -426,9 +426,9 @@ def _run_pipeline(units: list[dict], pool: ActorPoolConfig, encoder_args: dict, 
     written = written.materialize()  # the summaries (and, for none, the packed SIDs)
     # One block at a time into the driver, not a Ray Data pass that drops the keys: its
     # per-task overhead (5.6 s for 400 parts here) is more than fetching them.
-    summaries = [row for ref in written.to_arrow_refs()
-                 for row in ray.get(ref).drop_columns(["sid_keys"]).to_pylist()]
-    return summaries, items_per_key(written, "sid_keys", parts) if none else None
+    blocks = written.to_arrow_refs()
+    summaries = [row for ref in blocks for row in ray.get(ref).drop_columns(["sid_keys"]).to_pylist()]
+    return summaries, items_per_key(blocks, "sid_keys", parts) if none else None
 
 
 def _check(out, summaries: list[dict], want: tuple[int, int, int], sizes: list[int],

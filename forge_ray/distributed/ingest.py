@@ -49,6 +49,7 @@ from forge_ray import logs
 from forge_ray.config import require
 from forge_ray.data import forge_npz, sources
 from forge_ray.data.schema import DATASET_KIND, PAIRS_SCHEMA, ShardWriter
+from forge_ray.core.sid.codes import bucket_of
 from forge_ray.distributed.dataset import group_interactions, parquet_rows
 from forge_ray.errors import ForgeRayError, InputError
 from forge_ray.io import atomic_dir, write_manifest
@@ -322,14 +323,8 @@ def _row_hash(table: pa.Table) -> np.ndarray:
     return np.array([zlib.crc32("\x1f".join(map(str, v)).encode()) for v in values], np.uint64)
 
 
-def _bucket_of(ids: np.ndarray, buckets: int) -> np.ndarray:
-    """Well-mixed bucket of int64 ids (Fibonacci hashing: sequential ids spread)."""
-    mixed = ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    return ((mixed >> np.uint64(32)) % np.uint64(buckets)).astype(np.int64)
-
-
 def _write_buckets(keys: pa.Table, folder: Path, prefix: str, buckets: int) -> None:
-    b = _bucket_of(keys["item_id"].to_numpy(), buckets)
+    b = bucket_of(keys["item_id"].to_numpy(), buckets)
     order = np.argsort(b, kind="stable")
     bounds = np.searchsorted(b[order], np.arange(buckets + 1))
     for k in range(buckets):

@@ -17,6 +17,7 @@ from forge_ray.core.quantize.registry import load_quantizer
 from forge_ray.core.quantize.rq_kmeans import RQKMeans
 from forge_ray.core.sid.collisions import CollisionConfig, resolve_all
 from forge_ray.core.sid.export import read_sid_table, read_sid_tokens
+from forge_ray.core.sid.metrics import histogram_quality
 from forge_ray.data.schema import ShardWriter, embedding_array, items_schema, sequences_schema
 from forge_ray.distributed import assign as assign_stage
 from forge_ray.distributed.assign import AssignConfig, assign, list_codes
@@ -116,13 +117,15 @@ def test_strategy_invariants(ray_cluster, tiny, tmp_path, strategy):
     _, _, x, ids = tiny
     out = tmp_path / "sids"
     m = run_assign(tiny, out, **{"collisions.strategy": strategy, "collisions.cap": 3,
-                                 "collisions.candidates": 8, "pool.batch_size": 100})
+                                 "collisions.candidates": 8, "pool.batch_size": 100, "partitions": 2})
     sid_levels = 4 if strategy == "suffix" else 3
     got_ids, codes, sid = read_out(out, 3, sid_levels)
     np.testing.assert_array_equal(got_ids, np.sort(ids))  # exactly once
     _, per_sid = np.unique(sid, axis=0, return_counts=True)
     if strategy == "none":
         np.testing.assert_array_equal(sid, codes)
+        # the task shuffle's items-per-SID histogram, over 2 buckets, equals one direct count
+        assert m["collision_stats"]["before"] == pytest.approx(histogram_quality(np.bincount(per_sid)))
     elif strategy == "suffix":
         np.testing.assert_array_equal(sid[:, :3], codes)
         assert per_sid.max() == 1 and m["sizes"] == SIZES + [int(sid[:, 3].max()) + 1]

@@ -8,7 +8,8 @@ import pytest
 
 from forge_ray.core.sid.metrics import (SidMetricsConfig, collision_rate, embedding_hitrate, expand_hist,
                                         gini, histogram_quality, level_counts, lorenz_curve, max_items_per_sid, perplexity,
-                                        reconstruction_mse, sid_counts, sid_quality,
+                                        merged_key_histogram, reconstruction_mse, sid_counts, sid_quality,
+                                        split_key_counts,
                                         unique_sid_ratio, utilization)
 
 
@@ -131,3 +132,23 @@ def test_histogram_quality_equals_core():
     assert not sampled and np.array_equal(np.sort(full), np.sort(counts))
     part, sampled = expand_hist(hist, 100, 0)
     assert sampled and part.size == 100
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_split_and_merged_key_histogram_equal_a_direct_count(parts):
+    """The hash-partitioned count (map: split_key_counts per block; reduce:
+    merged_key_histogram per bucket) sums to the items-per-key histogram of all keys."""
+    rng = np.random.default_rng(7)
+    blocks = [rng.integers(0, 50, size=n) for n in (40, 0, 25, 60)]  # few keys: many repeats
+    tables = [pa.table({"keys": pa.array([b.tolist()], pa.list_(pa.int64()))}) for b in blocks]
+    split = [split_key_counts(t, "keys", parts) for t in tables]
+    split = split if parts > 1 else [[s] for s in split]
+    hists = [merged_key_histogram(*[s[i] for s in split]) for i in range(parts)]
+    total = np.zeros(max(h.size for h in hists), dtype=np.int64)
+    for h in hists:
+        total[:h.size] += h
+    want = np.bincount(np.unique(np.concatenate(blocks), return_counts=True)[1])
+    np.testing.assert_array_equal(total, want)
+    assert all(set(s[i][0]).isdisjoint(s2[j][0]) for s in split for s2 in split
+               for i in range(parts) for j in range(parts) if i != j)  # a key lands in one bucket
+    assert merged_key_histogram().tolist() == [0]

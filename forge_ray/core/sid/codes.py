@@ -125,3 +125,10 @@ def _check_codes(codes: np.ndarray, sizes: Sequence[int]) -> None:
     hi = np.asarray(sizes[: codes.shape[1]], dtype=np.int64)[None, :]
     if codes.size and ((codes < 0).any() or (codes >= hi).any()):
         raise ValueError("code outside its level's codebook")
+
+
+def bucket_of(keys: np.ndarray, buckets: int) -> np.ndarray:
+    """(n,) int64 keys -> their (n,) buckets in [0, buckets), well mixed (Fibonacci
+    hashing: sequential item ids and packed codes spread evenly)."""
+    mixed = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return ((mixed >> np.uint64(32)) % np.uint64(buckets)).astype(np.int64)

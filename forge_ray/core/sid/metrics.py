@@ -25,9 +25,35 @@ import numpy as np
 import pyarrow as pa
 
 from forge_ray.config import require
+from forge_ray.core.sid.codes import bucket_of
 
 
 # ------------------------------------------------------------------ distribution metrics
+
+
+def split_key_counts(block: pa.Table, column: str, parts: int):
+    """The int64 keys in the list column ``column`` of ``block`` (every row's values)
+    -> ``parts`` (2, m) int64 arrays, sorted distinct keys (row 0) and their counts
+    (row 1), one per :func:`~forge_ray.core.sid.codes.bucket_of` bucket (a single array
+    for one bucket): the map side of a hash-partitioned count."""
+    keys = block[column].combine_chunks().flatten().to_numpy()
+    keys, counts = np.unique(keys, return_counts=True)
+    if parts == 1:
+        return np.stack([keys, counts])
+    bucket = bucket_of(keys, parts)
+    return tuple(np.stack([keys[bucket == i], counts[bucket == i]]) for i in range(parts))
+
+
+def merged_key_histogram(*pieces: np.ndarray) -> np.ndarray:
+    """One bucket's (2, m) :func:`split_key_counts` pieces -> hist[v]: the number of its
+    distinct keys holding v items in all pieces together (the reduce side)."""
+    both = np.concatenate(pieces, axis=1) if pieces else np.zeros((2, 0), dtype=np.int64)
+    order = np.argsort(both[0], kind="stable")
+    keys, counts = both[0][order], both[1][order]
+    if not keys.size:
+        return np.zeros(1, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return np.bincount(np.add.reduceat(counts, starts))
 
 def sid_counts(codes: np.ndarray) -> np.ndarray:
     """(N, L) codes -> (S,) int64 item count of each distinct full SID (S SIDs used)."""
