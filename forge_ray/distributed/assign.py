@@ -68,7 +68,7 @@ from forge_ray.core.quantize.registry import load_quantizer, quantizer_dim
 from forge_ray.core.sid.codes import pack_codes
 from forge_ray.core.sid.collisions import CollisionConfig, group_levels, resolve_groups
 from forge_ray.core.sid.export import SidTableWriter, SidTokenWriter
-from forge_ray.core.sid.metrics import histogram_quality
+from forge_ray.core.sid.metrics import histogram_quality, sum_histograms
 from forge_ray.data.schema import DEFAULT_ROWS_PER_SHARD, embeddings_to_numpy
 from forge_ray.distributed.dataset import dataset_manifest, partitions_for
 from forge_ray.distributed.remote_errors import surface_user_errors
@@ -442,7 +442,7 @@ def _check(out, summaries: list[dict], want: tuple[int, int, int], sizes: list[i
                               f"{want[1]:016x}/{want[2]:016x} read (items lost, duplicated or "
                               "changed on the way); nothing was written")
     if sid_hist is None:
-        before, after = (_sum_hists(s[k] for s in summaries) for k in ("before", "after"))
+        before, after = (sum_histograms(s[k] for s in summaries) for k in ("before", "after"))
     else:
         before = after = sid_hist
     suffix_size = max((s["suffix_size"] for s in summaries), default=0)
@@ -451,15 +451,6 @@ def _check(out, summaries: list[dict], want: tuple[int, int, int], sizes: list[i
              "before": histogram_quality(before), "after": histogram_quality(after)}
     return {"input_items": want[0], "items": got[0], "collision_stats": stats,
             "sid_sizes": sizes + ([suffix_size] if suffix_size else [])}
-
-
-def _sum_hists(hists) -> np.ndarray:
-    total = np.zeros(1, dtype=np.int64)
-    for h in hists:
-        if len(h) > total.size:
-            total = np.r_[total, np.zeros(len(h) - total.size, dtype=np.int64)]
-        total[:len(h)] += np.asarray(h, dtype=np.int64)
-    return total
 
 
 def _place_parts(folder: Path, summaries: list[dict], export: bool) -> None:

@@ -47,9 +47,9 @@ from tqdm import tqdm
 
 from forge_ray import logs
 from forge_ray.config import require
+from forge_ray.core.sid.codes import bucket_of
 from forge_ray.data import forge_npz, sources
 from forge_ray.data.schema import DATASET_KIND, PAIRS_SCHEMA, ShardWriter
-from forge_ray.core.sid.codes import bucket_of
 from forge_ray.distributed.dataset import group_interactions, parquet_rows
 from forge_ray.errors import ForgeRayError, InputError
 from forge_ray.io import atomic_dir, write_manifest

@@ -30,18 +30,20 @@ from forge_ray.core.sid.codes import bucket_of
 
 # ------------------------------------------------------------------ distribution metrics
 
-
 def split_key_counts(block: pa.Table, column: str, parts: int):
     """The int64 keys in the list column ``column`` of ``block`` (every row's values)
     -> ``parts`` (2, m) int64 arrays, sorted distinct keys (row 0) and their counts
     (row 1), one per :func:`~forge_ray.core.sid.codes.bucket_of` bucket (a single array
     for one bucket): the map side of a hash-partitioned count."""
     keys = block[column].combine_chunks().flatten().to_numpy()
-    keys, counts = np.unique(keys, return_counts=True)
+    both = np.stack(np.unique(keys, return_counts=True))
     if parts == 1:
-        return np.stack([keys, counts])
-    bucket = bucket_of(keys, parts)
-    return tuple(np.stack([keys[bucket == i], counts[bucket == i]]) for i in range(parts))
+        return both
+    bucket = bucket_of(both[0], parts)
+    order = np.argsort(bucket, kind="stable")  # one sort, not a pass per bucket; stable: keys stay sorted
+    bounds = np.searchsorted(bucket[order], np.arange(parts + 1))
+    both = both[:, order]
+    return tuple(np.ascontiguousarray(both[:, bounds[i]:bounds[i + 1]]) for i in range(parts))
 
 
 def merged_key_histogram(*pieces: np.ndarray) -> np.ndarray:
@@ -54,6 +56,7 @@ def merged_key_histogram(*pieces: np.ndarray) -> np.ndarray:
         return np.zeros(1, dtype=np.int64)
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     return np.bincount(np.add.reduceat(counts, starts))
+
 
 def sid_counts(codes: np.ndarray) -> np.ndarray:
     """(N, L) codes -> (S,) int64 item count of each distinct full SID (S SIDs used)."""
@@ -342,6 +345,16 @@ def histogram_quality(hist: np.ndarray) -> dict:
             "collision_rate": float((v * freq)[values > 1].sum() / items),
             "unique_sid_ratio": sids / items, "max_items_per_sid": int(values.max()),
             "gini": float((sids + 1) / sids - 2.0 * (weights * v).sum() / (sids * items))}
+
+
+def sum_histograms(hists) -> np.ndarray:
+    """Histograms (hist[v], of any lengths) -> their elementwise sum, int64."""
+    total = np.zeros(1, dtype=np.int64)
+    for h in hists:
+        if len(h) > total.size:
+            total = np.r_[total, np.zeros(len(h) - total.size, dtype=np.int64)]
+        total[:len(h)] += np.asarray(h, dtype=np.int64)
+    return total
 
 
 def expand_hist(hist: np.ndarray, limit: int, seed: int) -> tuple[np.ndarray, bool]:
