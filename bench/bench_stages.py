@@ -7,7 +7,8 @@ shards above), ``assign`` (strategy ``suffix``, 2 encoder actors, exports on) an
 ``sid-metrics`` (with the Embedding HitRate sampled like configs/forge/sid_metrics.yaml) run
 through their library functions.
 Each stage reports wall seconds, the driver's peak RSS, the largest Ray worker's peak
-RSS and the peak of all workers together (sampled every 0.1 s). A baseline runs side
+RSS and peak private memory (RSS less shared pages such as the object store's) and the
+peak of all workers together (sampled every 0.1 s). A baseline runs side
 by side: the same RQ-KMeans encode of all N items in this process (``RQKMeans.encode``,
 no Ray), so the ratio shows what the Ray path adds at each N.
 
@@ -44,7 +45,8 @@ def measured(fn, label: str, largest: int = 0) -> dict:
         fn()
         wall = time.perf_counter() - t
     row = {"s": round(wall, 2), "driver_mb": round(driver.peak_one / MB),
-           "worker_max_mb": round(workers.peak_one / MB), "workers_sum_mb": round(workers.peak_sum / MB)}
+           "worker_max_mb": round(workers.peak_one / MB), "workers_sum_mb": round(workers.peak_sum / MB),
+           "worker_max_private_mb": round(max(workers.private.values(), default=0) / MB)}
     if largest:
         row["largest"] = [{"mb": round(b / MB), "names": names} for b, names in workers.largest(largest)]
     print(f"{label}: {json.dumps(row)}", flush=True)
@@ -65,7 +67,8 @@ def hitrate_overrides(n: int, sessions: int, gallery: int) -> list[str]:
     return out
 
 
-def one_size(work: Path, n: int, dim: int, hitrate_sessions: int, hitrate_gallery: int) -> dict:
+def one_size(work: Path, n: int, dim: int, hitrate_sessions: int, hitrate_gallery: int,
+             niter: int = 10) -> dict:
     from forge_ray.data.synth import (CONTRASTIVE_FILE, INTERACTIONS_DIR, RECONSTRUCT_FILE, SynthConfig,
                                       synth)
     from forge_ray.distributed.assign import AssignConfig, assign
@@ -82,7 +85,7 @@ def one_size(work: Path, n: int, dim: int, hitrate_sessions: int, hitrate_galler
                str(raw / INTERACTIONS_DIR)]
     row["ingest"] = measured(lambda: ingest(sources, data, IngestConfig(progress=False)), f"{n:,} ingest")
     sid_cfg = load_config(TrainSidConfig, None, [
-        "quantizer=rq_kmeans", "rq_kmeans.sizes=[256,256,256]", "rq_kmeans.niter=10",
+        "quantizer=rq_kmeans", "rq_kmeans.sizes=[256,256,256]", f"rq_kmeans.niter={niter}",
         f"storage_path={work / 'runs'}", "scale.num_workers=1"])
     row["train_sid"] = measured(lambda: train_sid(data, work / "model", sid_cfg), f"{n:,} train_sid")
     assign_cfg = load_config(AssignConfig, None, [
@@ -113,6 +116,8 @@ def main() -> None:
     ap.add_argument("--hitrate-gallery", type=int, default=2_000_000,
                     help="sid-metrics: HitRate gallery of at most this many items in an IVF index "
                          "(0: every item, exact search: sessions x items grows with N^2)")
+    ap.add_argument("--niter", type=int, default=10,
+                    help="train-sid: Lloyd passes per level (fewer: a faster memory series)")
     args = ap.parse_args()
     import torch
 
@@ -126,15 +131,17 @@ def main() -> None:
     with ray_session(num_cpus=args.cpus):
         for n in args.items:
             with tempfile.TemporaryDirectory(prefix="bench_stages_") as tmp:
-                rows.append(one_size(Path(tmp), n, args.dim, args.hitrate_sessions, args.hitrate_gallery))
+                rows.append(one_size(Path(tmp), n, args.dim, args.hitrate_sessions, args.hitrate_gallery,
+                                    args.niter))
             print(json.dumps(rows[-1]), flush=True)
     print(f"{'items':>11s} {'stage':12s}{'s':>9s}{'items/s':>11s}{'driver MB':>11s}"
-          f"{'worker max MB':>15s}{'workers MB':>12s}")
+          f"{'worker max MB':>15s}{'private MB':>12s}{'workers MB':>12s}")
     for r in rows:
         for stage in ("ingest", "train_sid", "assign", "sid_metrics"):
             m = r[stage]
             print(f"{r['items']:11,d} {stage:12s}{m['s']:9.1f}{r['items'] / m['s']:11,.0f}"
-                  f"{m['driver_mb']:11,d}{m['worker_max_mb']:15,d}{m['workers_sum_mb']:12,d}")
+                  f"{m['driver_mb']:11,d}{m['worker_max_mb']:15,d}{m['worker_max_private_mb']:12,d}"
+                  f"{m['workers_sum_mb']:12,d}")
         print(f"{'':11s} {'core encode':12s}{r['core_encode_s']:9.1f}{r['items'] / r['core_encode_s']:11,.0f}"
               f"   (assign / core encode = {r['assign_over_core_encode']:.3f}x)")
 

@@ -25,7 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from forge_ray.core.sid.codes import pack_codes
 from forge_ray.core.sid.export import SidTableWriter, SidTokenWriter
+from forge_ray.core.sid.metrics import distinct_counts, split_by_bucket, sum_histograms
 from forge_ray.errors import InputError
 from forge_ray.io import manifest_path, read_manifest
 
@@ -113,11 +115,7 @@ class SidTable:
         """
         width = self.n_levels if column == "sid" else len(self.code_sizes)
         t = pq.read_table(path, columns=["item_id", column])
-        col = t[column].combine_chunks()
-        if len(col) and pc.any(pc.not_equal(pc.list_value_length(col), width)).as_py():
-            raise InputError(path, f"a {column!r} row does not have {width} levels")
-        codes = col.flatten().to_numpy().reshape(-1, width).astype(np.int64)
-        return t["item_id"].to_numpy().astype(np.int64), codes
+        return t["item_id"].to_numpy().astype(np.int64), part_codes(path, t, column, width)
 
     def iter_arrays(self, column: str = "sid") -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
         """Per Parquet part: (file, item ids, codes) as :meth:`read_part` gives them."""
@@ -166,6 +164,48 @@ def list_codes(col: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
     if flat.size != len(col) * width:
         raise ValueError(f"expected {width} codes per row")
     return flat.reshape(len(col), width)
+
+
+def part_codes(path: str | os.PathLike, table: pa.Table, column: str, width: int) -> np.ndarray:
+    """The list<int64> ``column`` of a Parquet part's ``table`` -> (n, width) int64;
+    a row of another length is an InputError naming the file ``path``."""
+    col = table[column].combine_chunks()
+    if len(col) and pc.any(pc.not_equal(pc.list_value_length(col), width)).as_py():
+        raise InputError(path, f"a {column!r} row does not have {width} levels")
+    return col.flatten().to_numpy().reshape(-1, width).astype(np.int64)
+
+
+def key_pieces(paths: list[str], sizes: list[int], suffix: bool, parts: int) -> tuple:
+    """SID table Parquet parts -> the map side of ``sid-metrics``' counts.
+
+    Returns ``parts`` bucket tuples and then the code usage: bucket b holds, per kind
+    (item id; raw SID, the packed ``codes``; final SID, the packed first L levels of
+    ``sid`` and, with a ``suffix`` level, that level as a second key row), the
+    (w + 1, m) :func:`~forge_ray.core.sid.metrics.distinct_counts` of the keys in
+    bucket b; the usage is ``{1: codes, 2: sid}``, per level (suffix level included)
+    the (size,) count of items per code. ``sizes``: the L code sizes. Memory: the
+    parts' three columns plus 32 bytes per row.
+    """
+    n_levels = len(sizes)
+    ids, raw, final, usage = [], [], [], {1: [], 2: []}
+    for path in paths:
+        t = pq.read_table(path, columns=["item_id", "codes", "sid"])
+        codes = part_codes(path, t, "codes", n_levels)
+        sid = part_codes(path, t, "sid", n_levels + suffix)
+        try:
+            raw.append(pack_codes(codes, sizes)[None])
+            final.append(np.vstack([pack_codes(sid[:, :n_levels], sizes)[None], sid[:, n_levels:].T]))
+        except ValueError as e:
+            raise InputError(path, str(e)) from None
+        if suffix and len(sid) and sid[:, -1].min() < 0:
+            raise InputError(path, "a negative SID suffix")
+        ids.append(t["item_id"].to_numpy().astype(np.int64)[None])
+        for kind, c in ((1, codes), (2, sid)):
+            usage[kind].append([np.bincount(c[:, lvl], minlength=sizes[lvl] if lvl < n_levels else 1)
+                                for lvl in range(c.shape[1])])
+    buckets = [split_by_bucket(distinct_counts(np.hstack(keys)), parts) for keys in (ids, raw, final)]
+    levels = {kind: [sum_histograms(per_level) for per_level in zip(*files)] for kind, files in usage.items()}
+    return (*zip(*buckets), levels)
 
 
 def sid_files(sids_dir: str | os.PathLike) -> list[str]:

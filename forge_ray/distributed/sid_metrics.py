@@ -1,10 +1,10 @@
 """``forge-ray sid-metrics``: SID quality of a SIDS_DIR, computed on Ray.
 
-* **Counts** (:func:`~forge_ray.distributed.sid_counts.key_counts`): one distributed
-  ``groupby`` counts items per item id, per raw SID (``codes``) and per final SID
-  (``sid``); the driver sums partial histograms while streaming and holds O(max items
-  per SID + sum(sizes)) numbers, never the per-SID table. The quality numbers come
-  from the histograms (:func:`~forge_ray.core.sid.metrics.histogram_quality`).
+* **Counts** (:func:`~forge_ray.distributed.sid_counts.key_counts`): a hash shuffle
+  of Ray tasks over the table's files counts items per item id, per raw SID
+  (``codes``) and per final SID (``sid``); the driver sums partial histograms and
+  holds O(parts x max items per SID + sum(sizes)) numbers, never the per-SID table.
+  The quality numbers come from the histograms (:func:`~forge_ray.core.sid.metrics.histogram_quality`).
 * **Reconstruction** (with ``--data``): the dataset's items are full-outer-joined to
   the SID table on ``item_id`` (Ray Data hash join) and decoded in a quantizer actor
   pool; each batch returns squared-error sums. Items without a SID are an error;
@@ -42,7 +42,7 @@ from forge_ray.distributed.sid_counts import key_counts
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
-from forge_ray.sid_table import SIDS_KIND, list_codes
+from forge_ray.sid_table import SIDS_KIND, list_codes, sid_files
 
 SID_METRICS_KIND = "sid_metrics"
 
@@ -53,7 +53,7 @@ class SidMetricsStageConfig:
 
     hitrate: Embedding HitRate settings (core config; ``max_sessions`` and
         ``gallery_size`` are applied here as seeded hash samples before collecting).
-    pool: the decoder actor pool.  partitions: groupby/join partitions (0: per 1M rows).
+    pool: the decoder actor pool.  partitions: count/join partitions (0: per 1M rows).
     max_plot_sids: the items-per-SID plot draws at most this many SIDs (a seeded
         sample of the exact histogram); the metrics are always exact.
     """
@@ -233,11 +233,10 @@ def sid_metrics(sids_dir: str | os.PathLike, dataset: str | os.PathLike | None, 
     manifest = read_manifest(sids_dir, SIDS_KIND)
     sizes, code_sizes = list(manifest["sizes"]), list(manifest["code_sizes"])
     suffix = len(sizes) == len(code_sizes) + 1
-    table = read_sid_table(sids_dir)
     parts = partitions_for(manifest["counts"]["items"], cfg.partitions)
     with atomic_dir(out, overwrite, kind=SID_METRICS_KIND, inputs=(sids_dir, dataset)) as tmp:
         with surface_user_errors():
-            counts = key_counts(table, code_sizes, suffix, parts)
+            counts = key_counts(sid_files(sids_dir), code_sizes, suffix, parts)
             if counts.hist[0].size > 2:
                 raise InputError(sids_dir, "SID table names some item more than once")
             raw = {**histogram_quality(counts.hist[1]), **level_quality(counts.levels[1])}
@@ -249,7 +248,7 @@ def sid_metrics(sids_dir: str | os.PathLike, dataset: str | os.PathLike | None, 
                                          "utilization", "perplexity")},
                 "strategy": manifest["strategy"], "sizes": sizes, "raw": raw, "final": final}
             if dataset is not None:
-                metrics.update(_data_metrics(sids_dir, table, manifest, dataset, cfg, parts))
+                metrics.update(_data_metrics(sids_dir, read_sid_table(sids_dir), manifest, dataset, cfg, parts))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         for name, hist, title in (("sid_distribution.png", counts.hist[2], "final SIDs"),
                                   ("sid_distribution_raw.png", counts.hist[1], "raw codes")):

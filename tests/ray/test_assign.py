@@ -17,10 +17,11 @@ from forge_ray.core.quantize.registry import load_quantizer
 from forge_ray.core.quantize.rq_kmeans import RQKMeans
 from forge_ray.core.sid.collisions import CollisionConfig, resolve_all
 from forge_ray.core.sid.export import read_sid_table, read_sid_tokens
-from forge_ray.core.sid.metrics import histogram_quality
+from forge_ray.core.sid.metrics import histogram_quality, level_counts, sid_counts, sid_quality
 from forge_ray.data.schema import ShardWriter, embedding_array, items_schema, sequences_schema
 from forge_ray.distributed import assign as assign_stage
 from forge_ray.distributed.assign import AssignConfig, assign, list_codes
+from forge_ray.distributed.sid_metrics import SidMetricsStageConfig, sid_metrics
 from forge_ray.errors import InputError
 from forge_ray.io import read_manifest, write_manifest
 
@@ -135,6 +136,14 @@ def test_strategy_invariants(ray_cluster, tiny, tmp_path, strategy):
     assert m["collision_stats"]["after"]["max_items_per_sid"] == per_sid.max()
     rows = sum(len(read_sid_tokens(p, m["sizes"])[0]) for p in (out / "export/sid_tokens").glob("*.csv"))
     assert rows == len(ids)
+    # sid-metrics' task-shuffle counts of this table, over 2 buckets, equal the core's
+    got = sid_metrics(out, None, tmp_path / "m", load_config(SidMetricsStageConfig, None, ["partitions=2"]))
+    for name, rows in (("raw", codes), ("final", sid)):
+        want = sid_quality(sid_counts(rows), level_counts(rows, m["sizes"][:rows.shape[1]]))
+        for k in ("collision_rate", "unique_sid_ratio", "max_items_per_sid", "gini", "utilization",
+                  "perplexity"):
+            assert got[name][k] == pytest.approx(want[k]), (name, k)
+    assert got["items"] == len(ids) and got["sids"] == len(per_sid)
 
 
 @pytest.mark.slow  # ~1.5 min each on the shared 2-core box

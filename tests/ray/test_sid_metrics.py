@@ -4,6 +4,7 @@ functions computed in-process on the same data."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -68,4 +69,15 @@ def test_items_without_sid_is_an_error(ray_cluster, tiny, sids, tmp_path):  # no
     bigger = make_dataset(tmp_path / "bigger", n_items=310, users=3, unknown_ref=None)
     with pytest.raises(InputError, match="items of .* have no SID"):
         sid_metrics(sids, bigger, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_item_named_twice_is_an_error(ray_cluster, sids, tmp_path):
+    """Counted by the task shuffle: a part copied under a second name names its items twice."""
+    copy = tmp_path / "sids"
+    shutil.copytree(sids, copy)
+    first = sorted(copy.glob("*.parquet"))[0]
+    shutil.copy(first, copy / "part-99999.parquet")
+    with pytest.raises(InputError, match="SID table names some item more than once"):
+        sid_metrics(copy, None, tmp_path / "m")
     assert not (tmp_path / "m").exists()

@@ -6,11 +6,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from forge_ray.core.sid.metrics import (SidMetricsConfig, collision_rate, embedding_hitrate, expand_hist,
-                                        gini, histogram_quality, level_counts, lorenz_curve, max_items_per_sid, perplexity,
-                                        merged_key_histogram, reconstruction_mse, sid_counts, sid_quality,
-                                        split_key_counts,
-                                        unique_sid_ratio, utilization)
+import pyarrow.parquet as pq
+
+from forge_ray.core.sid.metrics import (SidMetricsConfig, collision_rate, distinct_counts, embedding_hitrate,
+                                        expand_hist, gini, histogram_quality, level_counts, lorenz_curve,
+                                        max_items_per_sid, merged_key_histogram, merged_key_histograms,
+                                        perplexity, reconstruction_mse, sid_counts, sid_quality,
+                                        split_key_counts, sum_histograms, unique_sid_ratio,
+                                        utilization)
+from forge_ray.errors import InputError
+from forge_ray.sid_table import codes_array, key_pieces
 
 
 def test_gini_by_hand():
@@ -152,3 +157,58 @@ def test_split_and_merged_key_histogram_equal_a_direct_count(parts):
     assert all(set(s[i][0]).isdisjoint(s2[j][0]) for s in split for s2 in split
                for i in range(parts) for j in range(parts) if i != j)  # a key lands in one bucket
     assert merged_key_histogram().tolist() == [0]
+
+
+def test_distinct_counts_of_two_part_keys_by_hand():
+    keys = np.array([[5, 1, 5, 1, 5], [0, 2, 1, 2, 0]])  # (5, 0) twice, (1, 2) twice, (5, 1) once
+    got = distinct_counts(keys, np.array([1, 2, 3, 4, 5]))
+    assert got.tolist() == [[1, 5, 5], [2, 0, 1], [6, 6, 3]]
+    assert distinct_counts(np.zeros((2, 0), dtype=np.int64)).shape == (3, 0)
+
+
+def _sid_part(path, ids, codes, sid):
+    pq.write_table(pa.table({"item_id": np.asarray(ids, np.int64), "codes": codes_array(codes),
+                             "sid": codes_array(sid)}), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_key_pieces_merged_by_bucket_equal_a_direct_count(tmp_path, parts):
+    """sid-metrics' map side (key_pieces over a few files) and reduce side
+    (merged_key_histograms per bucket) give the per-kind items-per-key histograms and
+    per-level code usage of a direct count over all rows, suffix level included."""
+    rng = np.random.default_rng(3)
+    sizes = [4, 3]
+    codes = rng.integers(0, 3, size=(90, 2))  # few SIDs: collisions
+    suffix = np.zeros(90, dtype=np.int64)
+    _, inverse = np.unique(codes, axis=0, return_inverse=True)
+    for g in np.unique(inverse):  # suffix: rank within the raw SID, one in three left at 0
+        members = np.flatnonzero(inverse == g)
+        suffix[members] = np.arange(members.size) * (rng.random(members.size) > 0.3)
+    sid = np.c_[codes, suffix]
+    ids = rng.permutation(1000)[:90]
+    files = [_sid_part(tmp_path / f"p{i}.parquet", ids[s], codes[s], sid[s])
+             for i, s in enumerate((slice(0, 40), slice(40, 40), slice(40, 90)))]
+    maps = [key_pieces(files[:2], sizes, True, parts), key_pieces(files[2:], sizes, True, parts)]
+    merged = [merged_key_histograms(*[m[b] for m in maps]) for b in range(parts)]
+    for k, rows in enumerate((ids[:, None], codes, sid)):
+        want = np.bincount(np.unique(rows, axis=0, return_counts=True)[1])
+        np.testing.assert_array_equal(np.trim_zeros(sum_histograms(h[k] for h in merged), "b"), want)
+    for kind, rows in ((1, codes), (2, sid)):
+        for lvl in range(rows.shape[1]):
+            total = sum_histograms(m[parts][kind][lvl] for m in maps)
+            want = np.bincount(rows[:, lvl], minlength=sizes[lvl] if lvl < 2 else 1)
+            np.testing.assert_array_equal(total, want)
+
+
+def test_key_pieces_name_the_file_of_bad_codes(tmp_path):
+    good = np.zeros((2, 2), dtype=np.int64)
+    wide = _sid_part(tmp_path / "wide.parquet", [1, 2], good, np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(InputError, match=r"wide.parquet: a 'sid' row does not have 2 levels"):
+        key_pieces([wide], [4, 4], False, 1)
+    big = _sid_part(tmp_path / "big.parquet", [1, 2], np.array([[0, 0], [0, 9]]), good)
+    with pytest.raises(InputError, match=r"big.parquet: .*code"):
+        key_pieces([big], [4, 4], False, 1)
+    neg = _sid_part(tmp_path / "neg.parquet", [1, 2], good, np.array([[0, 0, 0], [0, 0, -1]]))
+    with pytest.raises(InputError, match=r"neg.parquet: a negative SID suffix"):
+        key_pieces([neg], [4, 4], True, 1)

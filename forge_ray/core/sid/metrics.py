@@ -30,32 +30,52 @@ from forge_ray.core.sid.codes import bucket_of
 
 # ------------------------------------------------------------------ distribution metrics
 
-def split_key_counts(block: pa.Table, column: str, parts: int):
-    """The int64 keys in the list column ``column`` of ``block`` (every row's values)
-    -> ``parts`` (2, m) int64 arrays, sorted distinct keys (row 0) and their counts
-    (row 1), one per :func:`~forge_ray.core.sid.codes.bucket_of` bucket (a single array
-    for one bucket): the map side of a hash-partitioned count."""
-    keys = block[column].combine_chunks().flatten().to_numpy()
-    both = np.stack(np.unique(keys, return_counts=True))
-    if parts == 1:
-        return both
+def distinct_counts(keys: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """(w, n) int64 keys, one per column (a key of w parts: an id, or a packed SID
+    and its suffix), with (n,) ``counts`` (1 each when None) -> (w + 1, m) int64: the m
+    distinct keys sorted by row 0 first, and in the last row the sum of their counts."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if not keys.shape[1]:
+        return np.zeros((keys.shape[0] + 1, 0), dtype=np.int64)
+    order = np.argsort(keys[0], kind="stable") if len(keys) == 1 else np.lexsort(keys[::-1])
+    keys = keys[:, order]
+    starts = np.flatnonzero(np.r_[True, (keys[:, 1:] != keys[:, :-1]).any(axis=0)])
+    weights = np.ones(order.size, dtype=np.int64) if counts is None else np.asarray(counts, np.int64)[order]
+    return np.vstack([keys[:, starts], np.add.reduceat(weights, starts)])
+
+
+def split_by_bucket(both: np.ndarray, parts: int) -> list[np.ndarray]:
+    """(w + 1, m) :func:`distinct_counts` -> ``parts`` such arrays, one per
+    :func:`~forge_ray.core.sid.codes.bucket_of` bucket of row 0: the map side of a
+    hash-partitioned count, so that each key is merged in exactly one bucket."""
     bucket = bucket_of(both[0], parts)
-    order = np.argsort(bucket, kind="stable")  # one sort, not a pass per bucket; stable: keys stay sorted
+    order = np.argsort(bucket, kind="stable")  # one sort, not a pass per bucket
     bounds = np.searchsorted(bucket[order], np.arange(parts + 1))
     both = both[:, order]
-    return tuple(np.ascontiguousarray(both[:, bounds[i]:bounds[i + 1]]) for i in range(parts))
+    return [np.ascontiguousarray(both[:, bounds[i]:bounds[i + 1]]) for i in range(parts)]
+
+
+def split_key_counts(block: pa.Table, column: str, parts: int):
+    """The int64 keys in the list column ``column`` of ``block`` (every row's values)
+    -> their (2, m) :func:`distinct_counts` split by :func:`split_by_bucket` (a tuple
+    of ``parts`` arrays; a single array for one bucket, one Ray return value)."""
+    both = distinct_counts(block[column].combine_chunks().flatten().to_numpy()[None])
+    return both if parts == 1 else tuple(split_by_bucket(both, parts))
 
 
 def merged_key_histogram(*pieces: np.ndarray) -> np.ndarray:
-    """One bucket's (2, m) :func:`split_key_counts` pieces -> hist[v]: the number of its
-    distinct keys holding v items in all pieces together (the reduce side)."""
+    """One bucket's (w + 1, m) :func:`distinct_counts` pieces -> hist[v]: the number
+    of its distinct keys holding v items in all pieces together (the reduce side)."""
     both = np.concatenate(pieces, axis=1) if pieces else np.zeros((2, 0), dtype=np.int64)
-    order = np.argsort(both[0], kind="stable")
-    keys, counts = both[0][order], both[1][order]
-    if not keys.size:
+    if not both.shape[1]:
         return np.zeros(1, dtype=np.int64)
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    return np.bincount(np.add.reduceat(counts, starts))
+    return np.bincount(distinct_counts(both[:-1], both[-1])[-1])
+
+
+def merged_key_histograms(*groups: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """One bucket's groups, each a sequence of pieces (one per kind of key, all groups
+    in the same order) -> one :func:`merged_key_histogram` per kind."""
+    return [merged_key_histogram(*kind) for kind in zip(*groups)] if groups else []
 
 
 def sid_counts(codes: np.ndarray) -> np.ndarray:
