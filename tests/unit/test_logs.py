@@ -55,3 +55,16 @@ def test_levels(verbosity, capsys, monkeypatch):
     verbosity(logs.VERBOSE)
     assert logs.ray_init_kwargs()["logging_level"] == logging.INFO
     assert "RAY_DATA_LOG_LEVEL" not in os.environ  # Ray Data's own default (INFO)
+
+
+def test_ray_train_worker_modules_do_not_import_faiss():
+    """A Ray Train worker imports its loop's modules with its root logger at INFO (Ray
+    Train's setting), before ``setup_worker`` runs; faiss's loader logs a dozen lines
+    on import, so the workers' modules leave faiss to the functions that use it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, forge_ray.distributed.rqvae_worker, forge_ray.distributed.train_gr; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'faiss'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Protocol
 
-import faiss
 import numpy as np
 import torch
 
@@ -150,6 +149,10 @@ def kmeans(data: KMeansData, k: int, *, niter: int = 10, seed: int = 0,
         raise ValueError(f"cannot make {k} clusters from {n} rows")
     sample = data.sample(init_sample or min(n, 256 * k), seed)
     if init == "faiss":
+        # Imported here: Ray Train workers import this module with the RQ-VAE before
+        # their log levels are set, and faiss's loader logs a dozen INFO lines on import.
+        import faiss
+
         km = faiss.Kmeans(data.dim(), k, niter=init_niter, seed=seed, verbose=False,
                           min_points_per_centroid=1,  # small levels/samples are fine
                           max_points_per_centroid=max(256, len(sample) // k + 1))

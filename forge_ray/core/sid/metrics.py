@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -290,6 +289,10 @@ def embedding_hitrate(item_ids: np.ndarray, recon: np.ndarray, histories, target
     evaluated = np.flatnonzero(sel & has_hist & (target_rows >= 0))
 
     gallery = _gallery_rows(recon.shape[0], hist_rows[_pairs_of(offsets, sessions)], target_rows[evaluated], cfg, rng)
+    # Imported here: Ray Train workers import this module (through the SID table) before
+    # their log levels are set, and faiss's loader logs a dozen INFO lines on import.
+    import faiss
+
     vectors = recon[gallery]
     faiss.normalize_L2(vectors)
     index = faiss.index_factory(vectors.shape[1], cfg.index_factory, faiss.METRIC_INNER_PRODUCT)
