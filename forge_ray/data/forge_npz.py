@@ -18,9 +18,10 @@ import os
 import numpy as np
 import pyarrow as pa
 
+from forge_ray.core.arrays import has_duplicates
 from forge_ray.data import npz, resources
-from forge_ray.data.schema import PAIRS_SCHEMA, embedding_array, items_schema
 from forge_ray.data.chunks import Chunk, ReadResult, finite_rows
+from forge_ray.data.schema import PAIRS_SCHEMA, embedding_array, items_schema
 from forge_ray.errors import InputError
 
 REQUIRED = {
@@ -85,7 +86,7 @@ def _row_item_ids(path: str, _size: int, _mtime_ns: int) -> np.ndarray:
     out = np.full(n, -1, dtype=np.int64)
     out[rows] = keys
     # n entries, all rows in range: a bijection iff no row was named twice.
-    if np.unique(rows).shape[0] != n:
+    if has_duplicates(rows):
         raise InputError(path, "itemEncID is not a bijection: several item ids share a row")
     out.flags.writeable = False
     return out

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from forge_ray.core.arrays import sorted_unique
 from forge_ray.data.chunks import Chunk, ReadResult
 from forge_ray.errors import InputError
 
@@ -173,7 +174,7 @@ def duplicates(ids: np.ndarray) -> np.ndarray:
     """The distinct values that occur more than once in ``ids`` (sorted)."""
     ids = np.sort(np.asarray(ids, dtype=np.int64))
     dup = ids[1:][ids[1:] == ids[:-1]]
-    return np.unique(dup)
+    return sorted_unique(dup)
 
 
 def unknown(ids: np.ndarray, known_sorted: np.ndarray) -> np.ndarray:

@@ -29,8 +29,8 @@ streaming pass that never reads back what it wrote.
    ``item_id,sid`` with ``C{c+offset}`` tokens; headers in every part) from the same
    arrays. Its writer returns a one-row summary: rows, an order-independent checksum
    of its item ids (:func:`id_checksum`), moved / fallback counts and the SID
-   histograms of its groups (for ``none``: its packed SIDs, counted by one key-only
-   groupby).
+   histograms of its groups (for ``none``: its packed SIDs, counted by a task shuffle,
+   :func:`~forge_ray.distributed.sid_counts.items_per_key`).
 3. **Check** on the driver: rows and checksums of what the writers wrote equal those
    of the input ids (a driver thread reads only the input's ``item_id`` column while
    the pipeline runs), so every input item has exactly one SID; otherwise InputError and
@@ -63,6 +63,7 @@ import ray
 import ray.data
 
 from forge_ray.config import require, to_dict
+from forge_ray.core.arrays import has_duplicates
 from forge_ray.core.quantize.base import Quantizer, batched
 from forge_ray.core.quantize.registry import load_quantizer, quantizer_dim
 from forge_ray.core.sid.codes import pack_codes
@@ -260,14 +261,16 @@ def write_block(block: pa.Table, spec: PartSpec) -> pa.Table:
     codes = list_codes(block["codes"], len(sizes))
     before = after = keys = np.zeros(0, dtype=np.int64)
     if coll.strategy == "none":
-        if np.unique(ids).size != n:
+        if has_duplicates(ids):
             raise InputError(spec.dataset, "duplicate item ids in the dataset's items")
         sid, fallback, keys = codes, np.zeros(n, dtype=bool), pack_codes(codes, sizes)
     else:
         cand = None
         if "candidates" in block.column_names:
             col = block["candidates"].combine_chunks()
-            cand = col.flatten().to_numpy().reshape(n, -1).astype(np.int64)
+            # as shipped (int16 / int32): resolve_group widens only the rows of the
+            # groups it resolves, not n x k values of which few are ever read
+            cand = col.flatten().to_numpy().reshape(n, -1)
         try:
             res = resolve_groups(ids, codes, cand, coll, last_size=sizes[-1])
         except ValueError as e:  # e.g. a prefix with more than cap x K items

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from forge_ray import logs
 from forge_ray.config import require
+from forge_ray.core.arrays import sorted_unique
 from forge_ray.core.sid.codes import bucket_of
 from forge_ray.data import forge_npz, sources
 from forge_ray.data.schema import DATASET_KIND, PAIRS_SCHEMA, ShardWriter
@@ -197,7 +198,7 @@ def _read_task(chunk: sources.Chunk, src: int, c: int, tmp: str, buckets: int,
                          "h": pa.array(_row_hash(table))}, schema=_KEY_SCHEMA)
         _write_buckets(keys, root / "keys" / kind, prefix, buckets)
     elif kind == "pairs" and table.num_rows:
-        ids = np.unique(np.concatenate([table["item_a"].to_numpy(), table["item_b"].to_numpy()]))
+        ids = sorted_unique(np.concatenate([table["item_a"].to_numpy(), table["item_b"].to_numpy()]))
         _write_buckets(pa.table({"item_id": ids}), root / "keys" / "refs", prefix, buckets)
     return out
 
@@ -214,7 +215,7 @@ def _check_task(tmp: str, bucket: int, names: list[str]) -> dict:
         if table == "items":
             known = ids
     refs = _read_dir(root / "refs" / f"b{bucket:04d}", pa.schema([("item_id", pa.int64())]))
-    refs = np.unique(refs["item_id"].to_numpy())
+    refs = sorted_unique(refs["item_id"].to_numpy())
     unknown = refs[~np.isin(refs, known)]
     if len(unknown):
         (root / "unknown").mkdir(parents=True, exist_ok=True)

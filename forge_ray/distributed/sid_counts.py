@@ -62,16 +62,26 @@ def items_per_key(blocks: list[ray.ObjectRef], column: str, parts: int) -> np.nd
     list<int64> column ``column`` of the Arrow tables ``blocks`` (object refs).
 
     The Ray Data ``groupby`` this replaced took 4.4 s of a 10.9 s ``assign`` at 1M
-    items. One task per block counts its keys and splits them by
-    :func:`~forge_ray.core.sid.codes.bucket_of` into ``parts`` pieces; one task per
-    bucket merges its pieces into a partial histogram; the driver sums those. Memory:
-    a count task holds one block's keys, a merge task its bucket's (key, count) pairs
-    (about 1/parts of them, 16 bytes each), the driver O(parts x max items per key)
-    numbers.
+    items. One task per about ``parts`` blocks' worth of keys (at least one per CPU)
+    counts its keys and splits them by :func:`~forge_ray.core.sid.codes.bucket_of`
+    into ``parts`` pieces (one task per block cost 0.31 s for 40 blocks of 25k keys
+    warm, against 0.16 s for 2 tasks); one task per bucket merges its pieces into a
+    partial histogram; the driver sums those. Memory: a count task holds
+    1/max(parts, CPUs) of the keys and their (key, count) pairs, a merge task its
+    bucket's pairs (about 1/parts of them, 16 bytes each), the driver
+    O(parts x max items per key) numbers.
+
+    With one bucket (``parts`` 1: up to ``ROWS_PER_PARTITION`` keys) the driver counts
+    and merges the blocks itself, holding their (key, count) pairs (16 MB per 1M
+    keys): just after a Ray Data pass whose actors have exited, the tasks' worker
+    processes start afresh, and that cost 1.6-1.7 s of a 9 s ``assign`` at 1M items.
     """
-    split = [_split.options(num_returns=parts).remote(b, column, parts) for b in blocks]
-    pieces = split if parts > 1 else [[s] for s in split]
-    return sum_histograms(ray.get([_merge.remote(*[p[i] for p in pieces]) for i in range(parts)]))
+    if parts == 1:
+        return merged_key_histogram(*[split_key_counts(column, 1, ray.get(b)) for b in blocks])
+    cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    chunks = np.array_split(np.arange(len(blocks)), max(1, min(len(blocks), max(parts, cpus))))
+    split = [_split.options(num_returns=parts).remote(column, parts, *[blocks[i] for i in c]) for c in chunks]
+    return sum_histograms(ray.get([_merge.remote(*[p[i] for p in split]) for i in range(parts)]))
 
 
 # The numpy functions themselves, by reference: a fresh worker imports only

@@ -31,6 +31,7 @@ import ray.data
 from ray.data.aggregate import Count, Sum
 
 from forge_ray.config import require, to_dict
+from forge_ray.core.arrays import sorted_unique
 from forge_ray.core.sid.metrics import (SidMetricsConfig, embedding_hitrate, expand_hist, histogram_quality,
                                         hitrate_key, perplexity, ragged, utilization)
 from forge_ray.core.sid.plots import plot_code_usage, plot_sid_distribution
@@ -38,8 +39,8 @@ from forge_ray.data.schema import embedding_array, embeddings_to_numpy
 from forge_ray.distributed.assign import (ActorPoolConfig, QuantizerActor, load_model, quantizer_dim,
                                           read_sid_table)
 from forge_ray.distributed.dataset import dataset_manifest, partitions_for, read_items, read_sequences
-from forge_ray.distributed.sid_counts import key_counts
 from forge_ray.distributed.remote_errors import surface_user_errors
+from forge_ray.distributed.sid_counts import key_counts
 from forge_ray.errors import InputError
 from forge_ray.io import atomic_dir, read_manifest, write_manifest
 from forge_ray.sid_table import SIDS_KIND, list_codes, sid_files
@@ -208,7 +209,7 @@ def _data_metrics(sids_dir, sid_table, manifest: dict, dataset, cfg: SidMetricsS
     keep, distract = None, 1.0
     if hr.gallery_size is not None:
         hist = sessions["history"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        keep = np.unique(np.r_[hist, sessions["target"].to_numpy()]).astype(np.int64)
+        keep = sorted_unique(np.r_[hist, sessions["target"].to_numpy()]).astype(np.int64)
         n_items = manifest["counts"]["items"]
         distract = max(hr.gallery_size - keep.size, 0) / max(n_items - keep.size, 1)
     gallery = _collect(sid_table.map_batches(

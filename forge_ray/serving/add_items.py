@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from forge_ray.core.arrays import has_duplicates, sorted_unique
 from forge_ray.core.quantize.registry import load_quantizer, quantizer_dim
 from forge_ray.core.sid.codes import pack_codes
 from forge_ray.core.sid.cold_start import place_new_items
@@ -72,7 +73,7 @@ def add_items(sids_dir: str | os.PathLike, dataset: str | os.PathLike, out: str 
     code_sizes = list(parent.code_sizes)
     k = min(int(coll.get("candidates", 200)), code_sizes[-1])
     ids, codes, cand = _new_items(dataset, quantizer, k, batch_size)
-    if len(np.unique(ids)) != len(ids):
+    if has_duplicates(ids):
         raise InputError(dataset, "duplicate item ids among the new items")
     existing = _existing_under_prefixes(parent, ids, codes[:, :-1], code_sizes[:-1])
     try:
@@ -87,7 +88,7 @@ def _existing_under_prefixes(parent: SidTable, new_ids: np.ndarray, prefixes: np
                              prefix_sizes: list[int]) -> np.ndarray:
     """(m, L) SIDs of the parent's items under any new item's prefix; refuses new ids
     the parent already holds (one Parquet part in memory at a time)."""
-    wanted = np.unique(pack_codes(prefixes, prefix_sizes)) if prefix_sizes else None
+    wanted = sorted_unique(pack_codes(prefixes, prefix_sizes)) if prefix_sizes else None
     found, clash = [], []
     sorted_new = np.sort(new_ids)
     for _, ids, sids in parent.iter_arrays():

@@ -146,7 +146,7 @@ def test_split_and_merged_key_histogram_equal_a_direct_count(parts):
     rng = np.random.default_rng(7)
     blocks = [rng.integers(0, 50, size=n) for n in (40, 0, 25, 60)]  # few keys: many repeats
     tables = [pa.table({"keys": pa.array([b.tolist()], pa.list_(pa.int64()))}) for b in blocks]
-    split = [split_key_counts(t, "keys", parts) for t in tables]
+    split = [split_key_counts("keys", parts, t) for t in tables]
     split = split if parts > 1 else [[s] for s in split]
     hists = [merged_key_histogram(*[s[i] for s in split]) for i in range(parts)]
     total = np.zeros(max(h.size for h in hists), dtype=np.int64)

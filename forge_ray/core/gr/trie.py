@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from forge_ray.core.arrays import sorted_unique
 from forge_ray.core.sid.codes import pack_codes
 
 
@@ -35,7 +36,7 @@ class SIDTrie:
         self.sizes = tuple(int(s) for s in sizes)
         if codes.shape[1] != len(self.sizes):
             raise ValueError(f"codes have {codes.shape[1]} levels, sizes {list(self.sizes)}")
-        self.prefix_keys = [np.unique(pack_codes(codes[:, : d + 1], self.sizes))
+        self.prefix_keys = [sorted_unique(pack_codes(codes[:, : d + 1], self.sizes))
                             for d in range(len(self.sizes))]
         full = pack_codes(codes, self.sizes)
         order = np.lexsort((item_ids, full))

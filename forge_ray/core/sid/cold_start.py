@@ -24,6 +24,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from forge_ray.core.arrays import has_duplicates
 from forge_ray.core.sid.codes import pack_codes
 
 
@@ -58,7 +59,7 @@ def place_new_items(item_ids: np.ndarray, codes: np.ndarray, candidates: np.ndar
     sizes = [int(s) for s in sizes]
     n = len(item_ids)
     cand = codes[:, -1:] if candidates is None else np.asarray(candidates, dtype=np.int64)
-    if len(np.unique(item_ids)) != n or codes.shape[0] != n or cand.shape[0] != n:
+    if has_duplicates(item_ids) or codes.shape[0] != n or cand.shape[0] != n:
         raise ValueError("item ids must be unique and match codes/candidates rows")
     if strategy == "none":
         return Placement(codes.copy(), np.zeros(n, bool))

@@ -50,6 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from forge_ray.config import require
+from forge_ray.core.arrays import has_duplicates
 
 Strategy = Literal["none", "suffix", "cap", "random", "sinkhorn"]
 STRATEGIES = ("none", "suffix", "cap", "random", "sinkhorn")
@@ -135,7 +136,7 @@ def resolve_group(item_ids: np.ndarray, codes: np.ndarray, candidates: np.ndarra
     if codes.ndim != 2 or codes.shape[0] != n or codes.shape[1] < 1:
         raise ValueError(f"codes of shape {codes.shape} do not match {n} item ids")
     base_seed = cfg.seed if seed is None else int(seed)
-    if n and len(np.unique(item_ids)) != n:
+    if has_duplicates(item_ids):
         raise ValueError("item ids in a group must be unique")
     order = np.argsort(item_ids, kind="stable")  # canonical row order -> determinism
     c = codes[order]
@@ -205,7 +206,7 @@ def resolve_groups(item_ids: np.ndarray, codes: np.ndarray, candidates: np.ndarr
     n, n_levels = codes.shape
     if item_ids.shape != (n,):
         raise ValueError(f"codes of shape {codes.shape} do not match {item_ids.shape[0]} item ids")
-    if n and np.unique(item_ids).size != n:
+    if has_duplicates(item_ids):
         raise ValueError("item ids must be unique")
     key_cols = group_levels(cfg.strategy, n_levels)
     order = np.lexsort(codes.T[::-1]) if n else np.zeros(0, dtype=np.int64)  # by full SID

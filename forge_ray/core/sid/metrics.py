@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from forge_ray.config import require
+from forge_ray.core.arrays import sorted_unique
 from forge_ray.core.sid.codes import bucket_of
 
 
@@ -54,11 +55,12 @@ def split_by_bucket(both: np.ndarray, parts: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(both[:, bounds[i]:bounds[i + 1]]) for i in range(parts)]
 
 
-def split_key_counts(block: pa.Table, column: str, parts: int):
-    """The int64 keys in the list column ``column`` of ``block`` (every row's values)
+def split_key_counts(column: str, parts: int, *blocks: pa.Table):
+    """The int64 keys in the list column ``column`` of ``blocks`` (every row's values)
     -> their (2, m) :func:`distinct_counts` split by :func:`split_by_bucket` (a tuple
     of ``parts`` arrays; a single array for one bucket, one Ray return value)."""
-    both = distinct_counts(block[column].combine_chunks().flatten().to_numpy()[None])
+    keys = [b[column].combine_chunks().flatten().to_numpy() for b in blocks]
+    both = distinct_counts(np.concatenate(keys)[None] if keys else np.zeros((1, 0), dtype=np.int64))
     return both if parts == 1 else tuple(split_by_bucket(both, parts))
 
 
@@ -319,7 +321,7 @@ def embedding_hitrate(item_ids: np.ndarray, recon: np.ndarray, histories, target
         topk = not_self & (np.cumsum(not_self, axis=1) <= cfg.topk)
         pair_target = targets[sess_of[pair]]
         pair_hit = (topk[inverse] & (nn_ids[inverse] == pair_target[:, None])).any(axis=1)
-        hit_sessions = np.unique(sess_of[pair][pair_hit])
+        hit_sessions = sorted_unique(sess_of[pair][pair_hit])
         hits += int(hit_sessions.size)
     n_eval = int(evaluated.size)
     return {
@@ -342,7 +344,7 @@ def _gallery_rows(n_items, hist_rows, target_rows, cfg, rng) -> np.ndarray:
     """Rows of the gallery: all items, or the session items plus random distractors."""
     if cfg.gallery_size is None or cfg.gallery_size >= n_items:
         return np.arange(n_items)
-    must = np.unique(np.r_[hist_rows[hist_rows >= 0], target_rows])
+    must = sorted_unique(np.r_[hist_rows[hist_rows >= 0], target_rows])
     extra = max(cfg.gallery_size - must.size, 0)
     others = np.setdiff1d(np.arange(n_items), must, assume_unique=True)
     return np.sort(np.r_[must, rng.choice(others, min(extra, others.size), replace=False)])
