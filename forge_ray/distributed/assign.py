@@ -161,12 +161,10 @@ def combine_checksums(parts) -> tuple[int, int, int]:
     return rows, total, xor
 
 
-def _small_ints(values: np.ndarray, width: int, limit: int) -> pa.FixedSizeListArray:
-    """(n, width) ints in [-1, limit) -> the narrowest fixed-size list column (the
-    candidates cross the shuffle: int16 is a quarter of the bytes of int64)."""
-    dtype = np.int16 if limit <= np.iinfo(np.int16).max else np.int32
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values, dtype=dtype).ravel()),
-                                             width)
+def _small_ints(values: np.ndarray, limit: int) -> np.ndarray:
+    """(n, w) ints in [-1, limit) -> the same in the narrowest dtype (int16 or int32):
+    the candidates cross the shuffle, and int16 is a quarter of the bytes of int64."""
+    return np.ascontiguousarray(values, dtype=np.int16 if limit <= np.iinfo(np.int16).max else np.int32)
 
 
 # ----------------------------------------------------------------------------- actors
@@ -205,12 +203,18 @@ class Encoder(QuantizerActor):
         return pa.concat_tables([self.process(read_unit(path, groups)) for path, groups in
                                  zip(units["path"].to_pylist(), units["row_groups"].to_pylist())])
 
+    def _ranked(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        codes, cand = self.quantizer.rank_last_level(x, self.k)
+        return codes, _small_ints(cand, self.sizes[-1])
+
     def process(self, items: pa.Table) -> pa.Table:
         """``item_id`` + ``embedding`` rows -> encoded rows, or the summary of their part."""
         x = embeddings_to_numpy(items["embedding"])
         # pool.batch_size rows per quantizer call: what fills its device, and bounds its memory
         if self.k:
-            codes, cand = batched(lambda xb: self.quantizer.rank_last_level(xb, self.k), x, self.rows)
+            # narrowed a batch at a time: int64 candidates are 1.6 KB a row (200 of
+            # them) to concatenate, int16 a quarter of that
+            codes, cand = batched(self._ranked, x, self.rows)
         else:
             codes, cand = batched(self.quantizer.encode, x, self.rows), None
         cols = {"item_id": items["item_id"], "codes": codes_array(codes)}
@@ -220,7 +224,7 @@ class Encoder(QuantizerActor):
             cols["group_key"] = (pack_codes(codes[:, :self.key_levels], self.sizes[:self.key_levels])
                                  if self.key_levels else np.zeros(len(codes), dtype=np.int64))
         if cand is not None:
-            cols["candidates"] = _small_ints(cand, self.k, self.sizes[-1])
+            cols["candidates"] = pa.FixedSizeListArray.from_arrays(pa.array(cand.ravel()), self.k)
         return pa.table(cols)
 
 

@@ -28,3 +28,18 @@ def test_blocked_search_matches_brute_force(monkeypatch, distance, with_bias):
     assert torch.equal(nearest, want.argmin(1)) and torch.equal(nearest, unblocked[0])
     assert torch.equal(ranked, want.argsort(1)[:, :5]) and torch.equal(ranked, unblocked[1])
     assert torch.equal(ranked[:, 0], nearest)
+
+
+@pytest.mark.parametrize("k", [1, 5, 40, 64])  # 4k <= K partitions first, larger k sorts whole rows
+def test_smallest_first_is_a_stable_argsort(k):
+    """The CPU ranking's packed integer keys order as torch's stable sort does: negative
+    costs (biased), exact ties (lower index first), -0.0 beside +0.0, and infinities."""
+    g = torch.Generator().manual_seed(1)
+    cost = torch.randn(200, 64, generator=g)
+    cost[:, 10] = cost[:, 3]  # exact ties
+    cost[:, 20], cost[:, 21] = -0.0, 0.0
+    cost[::7, 30], cost[::5, 31] = float("inf"), float("-inf")
+    cost = torch.round(cost * 4) / 4  # many more ties
+    want = torch.sort(cost, dim=1, stable=True).indices[:, :k]
+    got = torch.from_numpy(base.smallest_first(cost.numpy(), k))
+    assert got.dtype == torch.int64 and torch.equal(got, want)

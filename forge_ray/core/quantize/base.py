@@ -115,9 +115,42 @@ def nearest_codes(r: torch.Tensor, codebook: torch.Tensor, distance: Distance = 
 def ranked_codes(r: torch.Tensor, codebook: torch.Tensor, k: int, distance: Distance = "l2",
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """(B, d) residuals -> (B, k) int64 codes, lowest cost first (ties: lower index)."""
-    # stable sort so candidates[:, 0] agrees with argmin's lowest-index tie-breaking
-    return _by_row_blocks(lambda rb: torch.sort(code_costs(rb, codebook, distance, bias), dim=1,
-                                                stable=True).indices[:, :k], r, len(codebook))
+    def block(rb: torch.Tensor) -> torch.Tensor:
+        cost = code_costs(rb, codebook, distance, bias)
+        if cost.device.type == "cpu" and cost.dtype == torch.float32:
+            return torch.from_numpy(smallest_first(cost.detach().numpy(), k))
+        # stable sort so candidates[:, 0] agrees with argmin's lowest-index tie-breaking
+        return torch.sort(cost, dim=1, stable=True).indices[:, :k]
+
+    return _by_row_blocks(block, r, len(codebook))
+
+
+def smallest_first(cost: np.ndarray, k: int) -> np.ndarray:
+    """(B, K) float32 costs -> (B, k) int64 column indices, lowest cost first, ties by
+    lower index: the first k of a stable argsort, exactly.
+
+    Why not ``torch.sort(stable=True)``: on CPU it took 9.6 s per 1M rows of 256 costs
+    (one thread), the whole cost of strategy ``cap``'s ranking. Here each cost becomes
+    one int64 key, (order-preserving int32 image of its float32 bits) << 32 | index,
+    and numpy's vectorised integer sort orders those: 2.0 s per 1M rows at K = 256,
+    70 s against 513 s at K = 8192 (where a partition first keeps only k keys).
+    """
+    bits = (cost + np.float32(0.0)).view(np.int32)  # + 0: -0.0 becomes +0.0, its equal
+    # IEEE floats order like sign-magnitude integers: flipping the magnitude bits of
+    # the negatives makes the int32 order the float order. In place: each pass over
+    # the (B, K) block costs as much as the sort.
+    ordered = bits >> 31
+    ordered &= np.int32(0x7FFFFFFF)
+    ordered ^= bits
+    keys = ordered.astype(np.int64)
+    keys <<= 32
+    keys |= np.arange(cost.shape[1], dtype=np.int64)
+    if 4 * k <= cost.shape[1]:  # a partition pays only when it drops most of the row
+        keys = np.partition(keys, k - 1, axis=1)[:, :k]
+    keys.sort(axis=1)
+    keys = keys[:, :k]
+    keys &= np.int64(0xFFFFFFFF)
+    return keys
 
 
 # ----------------------------------------------------------------------------- helpers
