@@ -13,7 +13,8 @@ any N and the encoder actors' memory is the only thing that grows with a memory 
 
 Usage: ``python bench/bench_assign.py --items 100000 --dim 64 --sizes 256 256 256``;
 ``--strategies none`` runs one strategy only, ``--partitions 0`` lets ``assign`` size its
-shuffle (one partition per 1M items) as a user's run does, for a memory series over N.
+shuffle (one partition per 1M items) as a user's run does, for a memory series over N;
+``--cap 1`` makes most prefix groups busy, the collision pass's worst case.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 256, 256])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--strategies", nargs="+", default=["none", "cap"], choices=["none", "cap"])
+    ap.add_argument("--cap", type=int, default=5,
+                    help="items per SID for cap (FORGE: 5); 1 makes most groups busy, a worst case")
     ap.add_argument("--partitions", type=int, default=2,
                     help="collision-groupby partitions (0: assign's own, one per 1M items)")
     args = ap.parse_args()
@@ -112,26 +115,30 @@ def main():
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ray_times, ray_rss = {}, {}
+    ray_times, ray_rss, revisited = {}, {}, {}
     for strategy in args.strategies:
         cfg = load_config(AssignConfig, None, [f"collisions.strategy={strategy}", "pool.actors=2",
-                                               "pool.batch_size=8192", f"partitions={args.partitions}"])
+                                               "pool.batch_size=8192", f"partitions={args.partitions}",
+                                               f"collisions.cap={args.cap}"])
         with PeakRss(period=0.2) as rss:
             t = time.perf_counter()
-            assign(tmp / "model", tmp / "data", tmp / f"sids_{strategy}", cfg)
+            m = assign(tmp / "model", tmp / "data", tmp / f"sids_{strategy}", cfg)
             ray_times[strategy] = time.perf_counter() - t
+        revisited[strategy] = m["collision_stats"]["revisited_rows"]
         ray_rss[strategy] = rss.matching("Encoder"), rss.matching("Encoder", private=True)
         shutil.rmtree(tmp / f"sids_{strategy}")  # disk: at 10M items a table and its exports are GBs
     ray.shutdown()
     tmp_dir.cleanup()
 
-    print(f"items={n} dim={d} sizes={sizes} threads={args.threads} partitions={args.partitions}")
+    print(f"items={n} dim={d} sizes={sizes} threads={args.threads} partitions={args.partitions} "
+          f"cap={args.cap}")
     print(f"core encode (1 process)       : {n / t_core:12,.0f} items/s")
     print(f"faiss RQ compute_codes        : {n / t_faiss:12,.0f} items/s  (codes agree {agree:.4f})")
     for s, t in ray_times.items():
         mib, own = (", ".join(f"{b / 2**20:,.0f}" for b in peaks) for peaks in ray_rss[s])
         print(f"Ray Data assign ({s:4s}, e2e)  : {n / t:12,.0f} items/s  ({t:.1f} s; "
-              f"{t_core / t:.3f}x core; peak RSS per encoder actor {mib} MiB, private {own} MiB)")
+              f"{t_core / t:.3f}x core; peak RSS per encoder actor {mib} MiB, private {own} MiB; "
+              f"collision pass revisited {revisited[s]:,} rows)")
     print(f"ratio core/faiss              : {t_faiss / t_core:.2f}x")
     print(f"matmul peak                   : {peak:8.1f} GFLOP/s")
     print(f"nearest-code search           : {flops / t_core / 1e9:8.1f} GFLOP/s = "

@@ -26,3 +26,13 @@ def has_duplicates(values) -> bool:
     """Whether some value of (n,) ``values`` occurs more than once."""
     s = np.sort(np.asarray(values).ravel())
     return bool(s.size > 1 and (s[1:] == s[:-1]).any())
+
+
+def isin_sorted(values, sorted_set: np.ndarray) -> np.ndarray:
+    """(n,) values -> (n,) bool, whether each is in ``sorted_set`` (ascending, as from
+    :func:`sorted_unique`): a binary search per value, no hash table."""
+    values = np.asarray(values)
+    if not len(sorted_set):
+        return np.zeros(values.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[pos] == values

@@ -100,6 +100,11 @@ def test_cap_matches_in_process_core(ray_cluster, tiny, tmp_path):
     cs = m["collision_stats"]
     assert (cs["moved"], cs["fallback"]) == (stats["moved"], stats["fallback"])
     assert cs["after"]["max_items_per_sid"] <= 3 < cs["before"]["max_items_per_sid"]
+    # the collision pass revisited only parts holding busy groups, and the histogram it
+    # patched equals a direct count of the final SIDs
+    assert 0 < cs["revisited_rows"] <= len(ids) and cs["revisited_parts"] >= 1
+    assert cs["after"] == pytest.approx(histogram_quality(
+        np.bincount(np.unique(got_sid, axis=0, return_counts=True)[1])))
     assert m["counts"] == {"input_items": len(ids), "items": len(ids), "distinct_items": len(ids)}
     assert m["sizes"] == SIZES and m["code_sizes"] == SIZES and read_manifest(out, "sids")
     # exports: FORGE table and token strings, one part per Parquet file, same rows
@@ -110,6 +115,18 @@ def test_cap_matches_in_process_core(ray_cluster, tiny, tmp_path):
         e_codes = np.concatenate([p[1] for p in parts])[np.argsort(e_ids)]
         np.testing.assert_array_equal(np.sort(e_ids), ids[order])
         np.testing.assert_array_equal(e_codes, want[order])
+
+
+def test_cap_without_an_over_full_sid_keeps_the_first_pass(ray_cluster, tiny, tmp_path):
+    """A cap no SID exceeds: no part is revisited and the table is strategy none's."""
+    _, _, x, ids = tiny
+    runs = {s: run_assign(tiny, tmp_path / s, **{"collisions.strategy": s, "collisions.cap": len(ids)})
+            for s in ("cap", "none")}
+    cs = runs["cap"]["collision_stats"]
+    assert (cs["revisited_parts"], cs["revisited_rows"], cs["moved"]) == (0, 0, 0)
+    assert cs["before"] == cs["after"] == runs["none"]["collision_stats"]["after"]
+    for a, b in zip(read_out(tmp_path / "cap", 3, 3), read_out(tmp_path / "none", 3, 3)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("strategy", [

@@ -14,6 +14,7 @@ from forge_ray.core.sid import collisions
 from forge_ray.core.sid.collisions import CollisionConfig, resolve_all, resolve_groups
 from forge_ray.core.sid.metrics import sid_counts
 from forge_ray.distributed.assign import combine_checksums, id_checksum
+from forge_ray.errors import InputError
 
 
 def test_id_checksum_is_order_independent_and_sees_every_change():
@@ -90,14 +91,19 @@ def test_resolve_groups_rejects_duplicate_ids_across_groups():
         resolve_all(ids, codes, cand, CollisionConfig(strategy="cap", cap=4, candidates=6), last_size=8)
 
 
+def small_quantizer(kind: str, x: np.ndarray, batch: int):
+    """A 3 x 8 quantizer over 16-d ``x`` (RQ-KMeans fitted, RQ-VAE as initialised),
+    ``batch`` rows per encode call."""
+    if kind == "rq_kmeans":
+        return RQKMeans(sizes=[8, 8, 8], niter=2, seed=0, batch_size=batch).fit(x)
+    return RQVAE(in_dim=16, hidden_dims=[32], latent_dim=8, sizes=[8, 8, 8], encode_batch_size=batch)
+
+
 @pytest.mark.parametrize("kind", ["rq_kmeans", "rqvae"])
 def test_encode_on_an_explicit_cpu_device_gives_identical_codes(tmp_path, kind):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 16)).astype(np.float32)
-    if kind == "rq_kmeans":
-        q = RQKMeans(sizes=[8, 8, 8], niter=2, seed=0, batch_size=128).fit(x)
-    else:
-        q = RQVAE(in_dim=16, hidden_dims=[32], latent_dim=8, sizes=[8, 8, 8], encode_batch_size=128)
+    q = small_quantizer(kind, x, batch=128)
     codes, (rank_codes, cand) = q.encode(x), q.rank_last_level(x, 5)
     q.save(tmp_path / "q")
     on_cpu = load_quantizer(tmp_path / "q", device="cpu")
@@ -107,6 +113,28 @@ def test_encode_on_an_explicit_cpu_device_gives_identical_codes(tmp_path, kind):
     np.testing.assert_array_equal(got_codes, rank_codes)
     np.testing.assert_array_equal(got_cand, cand)
     np.testing.assert_allclose(on_cpu.decode(codes), q.decode(codes), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["rq_kmeans", "rqvae"])
+def test_rank_last_level_under_a_given_prefix(kind):
+    """Ranking under the prefix an earlier encode chose equals ranking from scratch
+    (assign's collision pass ranks only busy rows, under their pass-1 prefix); under
+    another prefix it ranks that prefix's residual; a bad prefix is refused."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    q = small_quantizer(kind, x, batch=64)
+    codes, cand = q.rank_last_level(x, 4)
+    got_codes, got_cand = q.rank_last_level(x, 4, prefix=q.encode(x)[:, :2])
+    np.testing.assert_array_equal(got_codes, codes)
+    np.testing.assert_array_equal(got_cand, cand)
+    other = (codes[:, :2] + 1) % 8
+    moved_codes, moved_cand = q.rank_last_level(x, 4, prefix=other)
+    np.testing.assert_array_equal(moved_codes[:, :2], other)
+    assert (moved_cand != cand).any()
+    with pytest.raises(InputError, match="rows of prefix codes"):
+        q.rank_last_level(x, 4, prefix=other[:10])
+    with pytest.raises(InputError, match="out of range"):
+        q.rank_last_level(x, 4, prefix=other + 8)
 
 
 def test_token_export_strings_match_sid_strings(tmp_path):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from forge_ray.core.sid.metrics import (SidMetricsConfig, collision_rate, distinct_counts, embedding_hitrate,
                                         expand_hist, gini, histogram_quality, level_counts, lorenz_curve,
-                                        max_items_per_sid, merged_key_histogram, merged_key_histograms,
+                                        max_items_per_sid, merged_key_histogram, merged_key_histograms, merged_keys_over,
                                         perplexity, reconstruction_mse, sid_counts, sid_quality,
                                         split_key_counts, sum_histograms, unique_sid_ratio,
                                         utilization)
@@ -157,6 +157,13 @@ def test_split_and_merged_key_histogram_equal_a_direct_count(parts):
     assert all(set(s[i][0]).isdisjoint(s2[j][0]) for s in split for s2 in split
                for i in range(parts) for j in range(parts) if i != j)  # a key lands in one bucket
     assert merged_key_histogram().tolist() == [0]
+    # the reduce side can also name the over-full keys: those holding more than a limit
+    counts = np.unique(np.concatenate(blocks), return_counts=True)
+    for limit in (0, 2, 3, 10**9):
+        over = [merged_keys_over(limit, *[s[i] for s in split]) for i in range(parts)]
+        assert sum(h.sum() for h, _ in over) == len(counts[0])
+        np.testing.assert_array_equal(np.sort(np.concatenate([k for _, k in over])),
+                                      counts[0][counts[1] > limit])
 
 
 def test_distinct_counts_of_two_part_keys_by_hand():

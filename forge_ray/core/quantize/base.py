@@ -44,9 +44,11 @@ class Quantizer(Protocol):
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(N, L) int64 codes -> (N, D) float32 reconstructions."""
 
-    def rank_last_level(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def rank_last_level(self, x: np.ndarray, k: int,
+                        prefix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """-> (codes (N, L) int64, candidates (N, k) int64): last-level codes, best first,
-        under each item's own first L-1 codes; ``candidates[:, 0] == codes[:, -1]``."""
+        under each item's own first L-1 codes (or under ``prefix``, (N, L-1) int64 codes
+        given, e.g. those an earlier ``encode`` chose); ``candidates[:, 0] == codes[:, -1]``."""
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write ``quantizer.json`` and weights into ``folder`` (created if missing)."""
@@ -155,11 +157,13 @@ def smallest_first(cost: np.ndarray, k: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- helpers
 
-def batched(fn: Callable[[np.ndarray], np.ndarray | tuple], x: np.ndarray,
-            batch_size: int) -> np.ndarray | tuple:
-    """Apply ``fn`` to row slices of ``x`` and concatenate: peak memory is one batch
-    of ``fn``'s intermediates (e.g. B x K costs) plus the outputs."""
-    outs = [fn(x[i:i + batch_size]) for i in range(0, max(len(x), 1), batch_size)]
+def batched(fn: Callable[..., np.ndarray | tuple], x: np.ndarray, batch_size: int,
+            *more: np.ndarray) -> np.ndarray | tuple:
+    """Apply ``fn`` to row slices of ``x`` (and the same slices of the arrays ``more``,
+    as further arguments) and concatenate: peak memory is one batch of ``fn``'s
+    intermediates (e.g. B x K costs) plus the outputs."""
+    outs = [fn(x[i:i + batch_size], *(m[i:i + batch_size] for m in more))
+            for i in range(0, max(len(x), 1), batch_size)]
     if isinstance(outs[0], tuple):
         return tuple(np.concatenate(parts) for parts in zip(*outs))
     return np.concatenate(outs)
@@ -186,6 +190,15 @@ def check_codes(codes: np.ndarray, sizes: list[int]) -> np.ndarray:
     if len(codes) and ((codes < 0).any() or (codes >= np.asarray(sizes)[None, :]).any()):
         raise InputError("codes", f"code out of range for level sizes {sizes}")
     return codes
+
+
+def given_prefix(prefix: np.ndarray, n: int, sizes: list[int]) -> np.ndarray:
+    """Validate the (n, L-1) ``prefix`` codes given to ``rank_last_level`` for n rows
+    (``sizes``: the first L-1 levels' sizes); return int64."""
+    prefix = check_codes(prefix, sizes)
+    if len(prefix) != n:
+        raise InputError("prefix", f"{len(prefix)} rows of prefix codes for {n} embeddings")
+    return prefix
 
 
 def write_quantizer_json(folder: str | os.PathLike, qtype: str, sizes: list[int],

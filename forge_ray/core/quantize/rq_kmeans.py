@@ -27,8 +27,8 @@ import torch
 from forge_ray.config import require
 from forge_ray.core.quantize.balanced import sinkhorn_bias
 from forge_ray.core.quantize.base import (as_tensor, batched, check_codes, check_embeddings, code_costs,
-                                          nearest_codes, ranked_codes, saved_config_and_weights,
-                                          write_quantizer_json)
+                                          given_prefix, nearest_codes, ranked_codes,
+                                          saved_config_and_weights, write_quantizer_json)
 from forge_ray.core.quantize.kmeans import ArrayData, KMeansData, kmeans
 from forge_ray.errors import InputError
 
@@ -173,21 +173,38 @@ class RQKMeans:
             out += cb[codes[:, level]]
         return out
 
-    def rank_last_level(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _residual(self, xb: np.ndarray, codes: np.ndarray) -> torch.Tensor:
+        """(B, D) and (B, l) given codes -> (B, D) residual after those levels, by the
+        same subtractions as :meth:`_prefix`."""
+        cbs, _ = self._tensors()
+        r = torch.from_numpy(np.array(xb)).to(self.device)
+        for level in range(codes.shape[1]):
+            r -= cbs[level][torch.from_numpy(np.ascontiguousarray(codes[:, level])).to(self.device)]
+        return r
+
+    def rank_last_level(self, x: np.ndarray, k: int,
+                        prefix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """-> (codes (N, L), candidates (N, k)) with the last level ranked by the same
-        (biased) cost that ``encode`` minimises, under each row's own prefix."""
+        (biased) cost that ``encode`` minimises, under each row's own prefix, or under
+        the (N, L-1) ``prefix`` codes given."""
         self._check_fitted()
         x = check_embeddings(x, self.codebooks[0].shape[1])
         if not 1 <= k <= self.sizes[-1]:
             raise InputError("k", f"must be in [1, {self.sizes[-1]}], got {k}")
         cbs, biases = self._tensors()
+        levels = len(self.sizes) - 1
 
-        def one(xb):
-            prefix, r = self._prefix(xb, len(self.sizes) - 1)
+        def one(xb, given=None):
+            if given is None:
+                codes, r = self._prefix(xb, levels)
+            else:
+                codes, r = torch.from_numpy(given).to(self.device), self._residual(xb, given)
             cand = ranked_codes(r, cbs[-1], k, "l2", biases[-1])
-            return torch.cat([prefix, cand[:, :1]], dim=1).cpu().numpy(), cand.cpu().numpy()
+            return torch.cat([codes, cand[:, :1]], dim=1).cpu().numpy(), cand.cpu().numpy()
 
-        return batched(one, x, self.config.batch_size)
+        if prefix is None:
+            return batched(one, x, self.config.batch_size)
+        return batched(one, x, self.config.batch_size, given_prefix(prefix, len(x), self.sizes[:levels]))
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | os.PathLike) -> None:

@@ -36,8 +36,8 @@ from torch import nn
 from forge_ray.config import require
 from forge_ray.core.quantize.balanced import sinkhorn_assign
 from forge_ray.core.quantize.base import (as_tensor, batched, check_codes, check_embeddings, code_costs,
-                                          nearest_codes, ranked_codes, saved_config_and_weights,
-                                          write_quantizer_json)
+                                          given_prefix, nearest_codes, ranked_codes,
+                                          saved_config_and_weights, write_quantizer_json)
 from forge_ray.core.quantize.kmeans import ArrayData, kmeans
 from forge_ray.core.quantize.losses import CONTRASTIVE_TERMS
 from forge_ray.errors import InputError
@@ -270,16 +270,17 @@ class RQVAE(nn.Module):
         return info
 
     # ------------------------------------------------------------------ numpy Quantizer API
-    def _run(self, fn, x: np.ndarray):
-        """Apply ``fn`` to tensor batches in eval mode without grad, on the device the
-        weights are on (:meth:`torch.nn.Module.to`): each batch moves there per call."""
+    def _run(self, fn, x: np.ndarray, *more: np.ndarray):
+        """Apply ``fn`` to tensor batches (of ``x`` and, sliced alike, ``more``) in eval
+        mode without grad, on the device the weights are on
+        (:meth:`torch.nn.Module.to`): each batch moves there per call."""
         was = self.training
         device = self.codebooks[0].device
         self.eval()
         try:
             with torch.no_grad():
-                return batched(lambda xb: fn(as_tensor(xb).to(device)), x,  # Ray's are read-only
-                               self.config.encode_batch_size)
+                return batched(lambda *b: fn(*(as_tensor(a).to(device) for a in b)),  # Ray's are read-only
+                               x, self.config.encode_batch_size, *more)
         finally:
             self.train(was)
 
@@ -299,22 +300,28 @@ class RQVAE(nn.Module):
         return self._run(lambda cb: self.decoder(
             sum(book[cb[:, i]] for i, book in enumerate(self.codebooks))).cpu().numpy(), codes)
 
-    def rank_last_level(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def rank_last_level(self, x: np.ndarray, k: int,
+                        prefix: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """-> (codes (N, L), candidates (N, k)): last-level codes, nearest first, under
-        each row's own first L-1 codes."""
+        each row's own first L-1 codes, or under the (N, L-1) ``prefix`` codes given."""
         x = check_embeddings(x, self.config.in_dim)
         if not 1 <= k <= self.sizes[-1]:
             raise InputError("k", f"must be in [1, {self.sizes[-1]}], got {k}")
         last = len(self.sizes) - 1
 
-        def one(xb):
+        def one(xb, given=None):
             z = self.encoder(xb)
-            prefix, _, quantized = self.quantize(z, last)
+            if given is None:
+                codes, _, quantized = self.quantize(z, last)
+            else:
+                codes, quantized = given, [self.codebooks[i][given[:, i]] for i in range(last)]
             r = z - sum(quantized) if quantized else z  # residual left for the last level
             cand = ranked_codes(r, self.codebooks[last], k, self.config.distance)
-            return torch.cat([prefix, cand[:, :1]], dim=1).cpu().numpy(), cand.cpu().numpy()
+            return torch.cat([codes, cand[:, :1]], dim=1).cpu().numpy(), cand.cpu().numpy()
 
-        return self._run(one, x)
+        if prefix is None:
+            return self._run(one, x)
+        return self._run(one, x, given_prefix(prefix, len(x), self.sizes[:last]))
 
     def fit(self, x: np.ndarray, pairs: np.ndarray | None = None,
             pair_embeds: np.ndarray | None = None, train_config=None) -> "RQVAE":

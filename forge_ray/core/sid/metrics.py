@@ -64,13 +64,24 @@ def split_key_counts(column: str, parts: int, *blocks: pa.Table):
     return both if parts == 1 else tuple(split_by_bucket(both, parts))
 
 
+def _merged(pieces) -> np.ndarray:
+    """(w + 1, m) :func:`distinct_counts` pieces -> the same of their union."""
+    both = np.concatenate(pieces, axis=1) if pieces else np.zeros((2, 0), dtype=np.int64)
+    return distinct_counts(both[:-1], both[-1]) if both.shape[1] else both
+
+
 def merged_key_histogram(*pieces: np.ndarray) -> np.ndarray:
     """One bucket's (w + 1, m) :func:`distinct_counts` pieces -> hist[v]: the number
     of its distinct keys holding v items in all pieces together (the reduce side)."""
-    both = np.concatenate(pieces, axis=1) if pieces else np.zeros((2, 0), dtype=np.int64)
-    if not both.shape[1]:
-        return np.zeros(1, dtype=np.int64)
-    return np.bincount(distinct_counts(both[:-1], both[-1])[-1])
+    return np.bincount(_merged(pieces)[-1], minlength=1)
+
+
+def merged_keys_over(limit: int, *pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One bucket's (2, m) single-part :func:`distinct_counts` pieces -> (its
+    :func:`merged_key_histogram`, its keys holding more than ``limit`` items, sorted):
+    the over-full SIDs that collision handling must revisit."""
+    both = _merged(pieces)
+    return np.bincount(both[-1], minlength=1), both[0, both[-1] > limit]
 
 
 def merged_key_histograms(*groups: Sequence[np.ndarray]) -> list[np.ndarray]:
