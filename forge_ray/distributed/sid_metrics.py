@@ -36,8 +36,8 @@ from forge_ray.core.sid.metrics import (SidMetricsConfig, embedding_hitrate, exp
                                         hitrate_key, perplexity, ragged, utilization)
 from forge_ray.core.sid.plots import plot_code_usage, plot_sid_distribution
 from forge_ray.data.schema import embedding_array, embeddings_to_numpy
-from forge_ray.distributed.assign import (ActorPoolConfig, QuantizerActor, load_model, quantizer_dim,
-                                          read_sid_table)
+from forge_ray.distributed.assign import ActorPoolConfig, load_model, quantizer_dim, read_sid_table
+from forge_ray.distributed.assign_parts import QuantizerActor
 from forge_ray.distributed.dataset import dataset_manifest, partitions_for, read_items, read_sequences
 from forge_ray.distributed.remote_errors import surface_user_errors
 from forge_ray.distributed.sid_counts import key_counts

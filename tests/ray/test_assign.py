@@ -20,10 +20,11 @@ from forge_ray.core.sid.export import read_sid_table, read_sid_tokens
 from forge_ray.core.sid.metrics import histogram_quality, level_counts, sid_counts, sid_quality
 from forge_ray.data.schema import ShardWriter, embedding_array, items_schema, sequences_schema
 from forge_ray.distributed import assign as assign_stage
-from forge_ray.distributed.assign import AssignConfig, assign, list_codes
+from forge_ray.distributed.assign import AssignConfig, assign
 from forge_ray.distributed.sid_metrics import SidMetricsStageConfig, sid_metrics
 from forge_ray.errors import InputError
 from forge_ray.io import read_manifest, write_manifest
+from forge_ray.sid_table import list_codes
 
 pytestmark = pytest.mark.ray
 

@@ -13,7 +13,7 @@ from forge_ray.core.quantize.rqvae import RQVAE
 from forge_ray.core.sid import collisions
 from forge_ray.core.sid.collisions import CollisionConfig, resolve_all, resolve_groups
 from forge_ray.core.sid.metrics import sid_counts
-from forge_ray.distributed.assign import combine_checksums, id_checksum
+from forge_ray.distributed.assign_parts import combine_checksums, id_checksum
 from forge_ray.errors import InputError
 
 
@@ -158,7 +158,7 @@ def test_read_units_groups_row_groups_per_file_and_names_bad_files(tmp_path):
     import pyarrow.parquet as pq
 
     from forge_ray.data.schema import embedding_array, items_schema
-    from forge_ray.distributed.assign import read_unit, read_units
+    from forge_ray.distributed.assign_parts import read_unit, read_units
     from forge_ray.errors import InputError
 
     x = np.arange(70 * 4, dtype=np.float32).reshape(70, 4)
